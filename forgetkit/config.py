@@ -1,0 +1,460 @@
+"""Typed, closed configuration for forgetkit.
+
+A config is YAML (read with ``yaml.safe_load``) mapped onto the dataclasses below. Loading is
+strict: an unknown or misspelt key, a value of the wrong type or a value out of range raises
+:class:`ConfigError` whose one-line message names the file, the dotted key, what was expected
+and, for unknown keys, the nearest valid key ("did you mean ..."). The command-line faces
+catch it, print the line, and exit with status 2 before anything is written.
+
+Command-line overrides use ``section.key=value``; the value is parsed as YAML
+(``training.lr=3e-4``, ``data.train.limit=null``, ``regularizers=[]``).
+
+This module imports nothing else from forgetkit (it sits at the bottom of the import graph).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DatasetSpec",
+    "DataConfig",
+    "TrainingConfig",
+    "DistributedConfig",
+    "OutputConfig",
+    "RegularizerConfig",
+    "Config",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "parse_overrides",
+    "config_to_dict",
+    "dump_config",
+]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; its message is one line, shown without a traceback."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+       le: float | None = None, lt: float | None = None, factory: Any = None, doc: str = "") -> Any:
+    """A dataclass field with an optional numeric range checked at load time."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- schema
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to fine-tune and how to load it."""
+
+    name_or_path: str | None = _f(None, doc="hub id, local directory, or a model alias")
+    gguf_file: str | None = _f(None, doc="GGUF file name inside name_or_path (dequantised on load)")
+    random_init: dict[str, Any] | None = _f(
+        None, doc="build a random-init model from this config dict (needs model_type); tests/smoke")
+    tokenizer: str | None = _f(
+        None, doc="tokenizer hub id/dir; default: name_or_path; 'byte' = built-in byte-level")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = _f(
+        "float32", doc="dtype of the weights as loaded (the trained master weights)")
+    trust_remote_code: bool = _f(False)
+    gradient_checkpointing: bool = _f(False)
+    attn_implementation: str | None = _f(None, doc="e.g. sdpa, eager, flash_attention_2")
+    revision: str | None = _f(None)
+
+
+@dataclass
+class DatasetSpec:
+    """One data source and how its records become token sequences."""
+
+    path: str | None = _f(None, doc="local .json/.jsonl/.csv/.parquet file (or a dataset alias)")
+    name: str | None = _f(None, doc="Hugging Face hub dataset name")
+    config: str | None = _f(None, doc="hub dataset config name")
+    split: str = _f("train")
+    format: Literal["instruction", "chat", "text"] = _f("instruction")
+    fields: dict[str, str] = _f(factory=dict, doc="template field -> column name")
+    limit: int | None = _f(None, ge=1, doc="use only the first N records (after shuffling)")
+    shuffle_before_limit: bool = _f(True)
+
+
+@dataclass
+class DataConfig:
+    train: DatasetSpec = _f(factory=DatasetSpec)
+    validation: DatasetSpec | None = _f(None)
+    validation_fraction: float = _f(0.05, ge=0.0, lt=1.0,
+                                    doc="held out of train when no validation source is given")
+    max_length: int = _f(512, ge=8)
+    train_on_prompt: bool = _f(False, doc="also put loss on prompt tokens")
+    batching: Literal["length_grouped", "packed", "random"] = _f("length_grouped")
+    pad_to_multiple_of: int = _f(8, ge=1)
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = _f(4, ge=1)
+    gradient_accumulation_steps: int = _f(1, ge=1)
+    epochs: int = _f(1, ge=1)
+    max_steps: int | None = _f(None, ge=1, doc="optimizer steps; overrides epochs when set")
+    lr: float = _f(2e-5, gt=0.0)
+    weight_decay: float = _f(0.0, ge=0.0)
+    betas: list[float] = _f(factory=lambda: [0.9, 0.999])
+    eps: float = _f(1e-8, gt=0.0)
+    optimizer: Literal["adamw", "adamw_8bit", "sgd"] = _f("adamw")
+    momentum: float = _f(0.0, ge=0.0, lt=1.0, doc="SGD momentum")
+    fused: Literal["auto", "on", "off"] = _f("auto", doc="fused/foreach AdamW kernels")
+    scheduler: Literal["cosine", "constant", "linear"] = _f("cosine")
+    warmup_steps: int | None = _f(None, ge=0)
+    warmup_ratio: float = _f(0.0, ge=0.0, le=1.0)
+    min_lr_ratio: float = _f(0.1, ge=0.0, le=1.0, doc="cosine floor as a fraction of peak lr")
+    layer_lr_decay: float | None = _f(
+        None, gt=0.0, le=1.0, doc="ULMFiT discriminative lr: layer l from the top gets lr*xi**l")
+    max_grad_norm: float | None = _f(1.0, gt=0.0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no")
+    eval_every: int = _f(0, ge=0, doc="validation loss every N optimizer steps (0: at the end)")
+    log_every: int = _f(1, ge=1)
+    checkpoint_every: int = _f(0, ge=0, doc="checkpoint every N optimizer steps (0: end only)")
+    keep_checkpoints: int = _f(1, ge=1)
+    resume: bool = _f(True, doc="continue from the newest checkpoint in the output dir")
+    seed: int = _f(0)
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = _f(
+        "auto", doc="auto: DDP when several processes, else single process")
+    cpu: bool | None = _f(None, doc="force CPU (gloo); default: CPU when CUDA is unavailable")
+    zero_stage: Literal[1, 2, 3] = _f(2, doc="DeepSpeed ZeRO stage")
+    offload_optimizer: bool = _f(False, doc="DeepSpeed: optimizer state on CPU")
+    offload_params: bool = _f(False, doc="DeepSpeed ZeRO-3: parameters on CPU")
+    fsdp_reshard_after_forward: bool = _f(True)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/{name}", doc="output directory; {name} expands to the config's name")
+    save_model: bool = _f(True)
+    overwrite: bool = _f(False)
+
+
+@dataclass
+class RegularizerConfig:
+    """One regularizer; fields not used by its ``type`` must stay at their defaults."""
+
+    type: Literal["l2", "ewc", "replay", "kl"] = _f("l2")
+    lam: float = _f(1.0, ge=0.0, doc="strength lambda (YAML key: lambda or lam)")
+    variant: Literal["coupled", "decoupled"] = _f("coupled", doc="L2-SP: where the pull acts")
+    include: list[str] = _f(factory=list, doc="regex patterns of parameter names (default all)")
+    exclude: list[str] = _f(factory=list)
+    anchor_dtype: Literal["float32", "bfloat16", "float16"] = _f("float32")
+    # EWC
+    fisher_data: DatasetSpec | None = _f(None, doc="EWC: data the Fisher is estimated on")
+    fisher_examples: int = _f(256, ge=1)
+    fisher_batch_size: int = _f(8, ge=1)
+    estimator: Literal["empirical", "sampled", "batched"] = _f("empirical")
+    fisher_samples: int = _f(1, ge=1, doc="sampled estimator: label draws per example")
+    fisher_path: str | None = _f(None, doc="load/save the Fisher here (safetensors)")
+    fisher_postprocess: Literal["none", "max_normalize", "clamp"] = _f("none")
+    fisher_clamp: float | None = _f(None, gt=0.0)
+    online_gamma: float | None = _f(None, gt=0.0, le=1.0, doc="online EWC decay")
+    # replay
+    ratio: float = _f(0.1, ge=0.0, lt=1.0, doc="replay: fraction of training examples")
+    data: DatasetSpec | None = _f(None, doc="replay/kl: the general data source")
+    # kl
+    temperature: float = _f(1.0, gt=0.0)
+
+
+@dataclass
+class Config:
+    name: str = _f("run")
+    seed: int = _f(0)
+    model: ModelConfig = _f(factory=ModelConfig)
+    data: DataConfig = _f(factory=DataConfig)
+    training: TrainingConfig = _f(factory=TrainingConfig)
+    distributed: DistributedConfig = _f(factory=DistributedConfig)
+    output: OutputConfig = _f(factory=OutputConfig)
+    regularizers: list[RegularizerConfig] = _f(factory=list)
+
+    def output_dir(self) -> Path:
+        return Path(self.output.dir.format(name=self.name))
+
+
+# Keys accepted as aliases in YAML (``lambda`` is a Python keyword).
+_ALIASES = {RegularizerConfig: {"lambda": "lam"}}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        parts = [a for a in get_args(tp) if a is not type(None)]
+        inner = " or ".join(_type_name(a) for a in parts)
+        return inner + (" or null" if type(None) in get_args(tp) else "")
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+_NUM_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(tp: Any, value: Any, key: str, src: str) -> Any:
+    def fail(expected: str | None = None) -> typing.NoReturn:
+        raise ConfigError(
+            f"{src}: {key}: expected {expected or _type_name(tp)}, got {value!r}")
+
+    if tp is Any:
+        return value
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            fail()
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key, src)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        fail()
+    if origin is Literal:
+        if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
+            return value
+        choices = [str(a) for a in get_args(tp)]
+        near = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"{src}: {key}: expected {_type_name(tp)}, got {value!r}{hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            fail()
+        (inner,) = get_args(tp)
+        return [_coerce(inner, v, f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail()
+        _, vt = get_args(tp)
+        return {str(k): _coerce(vt, v, f"{key}.{k}", src) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, src)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and _NUM_RE.match(value.strip()) and float(value).is_integer():
+            return int(float(value))
+        fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads "1e-5" (no dot) as a string: accept numeric strings.
+        if isinstance(value, str) and _NUM_RE.match(value.strip()):
+            return float(value)
+        fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        fail()
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in the schema
+
+
+def _check_range(f: dataclasses.Field, value: Any, key: str, src: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    m = f.metadata
+    bounds = []
+    ok = True
+    if m.get("ge") is not None:
+        bounds.append(f">= {m['ge']}")
+        ok &= value >= m["ge"]
+    if m.get("gt") is not None:
+        bounds.append(f"> {m['gt']}")
+        ok &= value > m["gt"]
+    if m.get("le") is not None:
+        bounds.append(f"<= {m['le']}")
+        ok &= value <= m["le"]
+    if m.get("lt") is not None:
+        bounds.append(f"< {m['lt']}")
+        ok &= value < m["lt"]
+    if not ok:
+        raise ConfigError(f"{src}: {key}: expected a value {' and '.join(bounds)}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, where: str, src: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: {where or '(top level)'}: expected a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    fmap = {f.name: f for f in dataclasses.fields(cls)}
+    aliases = _ALIASES.get(cls, {})
+    kwargs: dict[str, Any] = {}
+    for k, v in raw.items():
+        name = aliases.get(k, k)
+        dotted = f"{where}.{k}" if where else str(k)
+        if name not in fmap:
+            valid = sorted(set(fmap) | set(aliases))
+            near = difflib.get_close_matches(str(k), valid, n=1, cutoff=0.5)
+            hint = (f"; did you mean '{where + '.' if where else ''}{near[0]}'?" if near
+                    else f"; valid keys: {', '.join(valid)}")
+            raise ConfigError(f"{src}: unknown key '{dotted}'{hint}")
+        value = _coerce(hints[name], v, dotted, src)
+        _check_range(fmap[name], value, dotted, src)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    check = getattr(obj, "_check", None)
+    if check is not None:
+        check(where, src)
+    return obj
+
+
+def _model_check(self: ModelConfig, where: str, src: str) -> None:
+    if not self.name_or_path and not self.random_init:
+        raise ConfigError(f"{src}: {where}.name_or_path: expected a hub id, directory or alias "
+                          f"(or {where}.random_init for a random-init model), got nothing")
+    if self.random_init is not None and "model_type" not in self.random_init:
+        raise ConfigError(f"{src}: {where}.random_init.model_type: expected a model type such "
+                          "as 'llama', got nothing")
+
+
+def _dataset_check(self: DatasetSpec, where: str, src: str) -> None:
+    if bool(self.path) == bool(self.name):
+        raise ConfigError(f"{src}: {where}: expected exactly one of 'path' (local file or alias) "
+                          f"or 'name' (hub dataset), got {'both' if self.path else 'neither'}")
+
+
+def _training_check(self: TrainingConfig, where: str, src: str) -> None:
+    if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+        raise ConfigError(f"{src}: {where}.betas: expected two numbers in [0, 1), "
+                          f"got {self.betas!r}")
+
+
+_REG_FIELDS = {
+    "l2": {"lam", "variant", "include", "exclude", "anchor_dtype"},
+    "ewc": {"lam", "include", "exclude", "anchor_dtype", "fisher_data", "fisher_examples",
+            "fisher_batch_size", "estimator", "fisher_samples", "fisher_path",
+            "fisher_postprocess", "fisher_clamp", "online_gamma"},
+    "replay": {"ratio", "data"},
+    "kl": {"lam", "data", "temperature", "fisher_batch_size"},
+}
+
+
+def _reg_check(self: RegularizerConfig, where: str, src: str) -> None:
+    allowed = _REG_FIELDS[self.type] | {"type"}
+    defaults = RegularizerConfig(type=self.type)
+    for f in dataclasses.fields(self):
+        if f.name not in allowed and getattr(self, f.name) != getattr(defaults, f.name):
+            shown = "lambda" if f.name == "lam" else f.name
+            raise ConfigError(f"{src}: {where}.{shown}: not used by a regularizer of type "
+                              f"'{self.type}' (its keys: {', '.join(sorted(allowed))})")
+    if self.type in ("replay", "kl") and self.data is None:
+        raise ConfigError(f"{src}: {where}.data: a '{self.type}' regularizer needs a data source")
+    if self.type == "replay" and not 0.0 < self.ratio < 1.0:
+        raise ConfigError(f"{src}: {where}.ratio: expected a value > 0 and < 1, got {self.ratio}")
+
+
+ModelConfig._check = _model_check  # type: ignore[attr-defined]
+DatasetSpec._check = _dataset_check  # type: ignore[attr-defined]
+TrainingConfig._check = _training_check  # type: ignore[attr-defined]
+RegularizerConfig._check = _reg_check  # type: ignore[attr-defined]
+
+
+def parse_overrides(items: list[str], src: str = "command line") -> dict[str, Any]:
+    """Parse ``a.b=value`` strings (value read as YAML) into a flat mapping of dotted keys."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"{src}: override {item!r}: expected key=value, e.g. training.lr=3e-4")
+        key, _, text = item.partition("=")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{src}: override {item!r}: value is not valid YAML ({e})") from None
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a raw (unvalidated) config mapping; validation happens afterwards."""
+    for dotted, value in overrides.items():
+        node = raw
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[p] = nxt
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        line = " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML: {line}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], src: str = "<config>") -> Config:
+    return _build(Config, raw, "", src)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a YAML config. Raises ConfigError on any problem."""
+    raw = read_yaml(path)
+    over = parse_overrides(overrides or [])
+    raw = apply_overrides(raw, over)
+    src = str(path) + (" (with command-line overrides)" if over else "")
+    return config_from_dict(raw, src)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return d
+
+
+def dump_config(cfg: Any) -> str:
+    """The fully resolved config as YAML (every default spelled out)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

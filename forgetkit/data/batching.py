@@ -1,0 +1,152 @@
+"""Deterministic batch planning, replay mixing and collation.
+
+The planner decides, for each optimizer step, which examples form its *global* batch
+(``micro_batch_size * gradient_accumulation_steps * world_size`` examples). Every rank computes
+the same plan from the seed, then takes its own micro-batches. Because the loss is normalised by
+the global number of target tokens (see ``forgetkit.train.loop``), the gradient of a step depends
+only on *which* examples it holds, not on how they are split over ranks or micro-steps: a
+2-process run and a 1-process run with the same global batch reach the same weights.
+
+Length-grouped batching: examples are shuffled, cut into mega-batches of
+``GROUP_FACTOR`` global batches, sorted by length inside each mega-batch, and the resulting
+batches are shuffled again, so each batch holds similar lengths (little padding) while the order
+stays random. The batch holding the longest example goes first, so an out-of-memory error shows
+up on step 1 rather than hours in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from forgetkit.data.templates import IGNORE_INDEX, Example
+
+GROUP_FACTOR = 16
+
+
+def _rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(epoch), 0x5EED])
+
+
+def replay_positions(n_task: int, ratio: float) -> np.ndarray:
+    """Boolean mask over a stream of ``n_task + n_replay`` slots: True where a replay example goes.
+
+    ``n_replay`` is chosen so that the replay fraction of the stream is exactly
+    ``round(ratio * total)`` of ``total = n_task + n_replay``; the replay slots are spread
+    evenly (Bresenham-style: slot i is replay when floor((i+1)·R/T) > floor(i·R/T)).
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"replay ratio must be in [0, 1), got {ratio}")
+    if ratio == 0.0:
+        return np.zeros(n_task, dtype=bool)
+    # Smallest total T with T - round(ratio*T) == n_task (T - round(rT) grows by 0 or 1 per T).
+    total = n_task
+    while total - round(ratio * total) < n_task:
+        total += 1
+    n_replay = round(ratio * total)
+    i = np.arange(total)
+    mask = ((i + 1) * n_replay // total) > (i * n_replay // total)
+    assert int(mask.sum()) == n_replay and total - n_replay == n_task
+    return mask
+
+
+@dataclass
+class Stream:
+    """The examples of one epoch in order: indices into the task pool and the replay pool."""
+
+    task_idx: np.ndarray  # (n,) index into the task examples, -1 where replay
+    replay_idx: np.ndarray  # (n,) index into the replay examples, -1 where task
+
+
+def epoch_stream(n_task: int, n_replay_pool: int, ratio: float, seed: int, epoch: int) -> Stream:
+    """Shuffle the task examples and interleave replay draws at exactly the configured ratio.
+
+    Replay examples are drawn without replacement from a seeded permutation of the replay pool
+    (cycling through it again if an epoch needs more than the pool holds).
+    """
+    rng = _rng(seed, epoch)
+    order = rng.permutation(n_task)
+    mask = replay_positions(n_task, ratio)
+    task_idx = np.full(mask.shape[0], -1, dtype=np.int64)
+    replay_idx = np.full(mask.shape[0], -1, dtype=np.int64)
+    task_idx[~mask] = order
+    n_rep = int(mask.sum())
+    if n_rep:
+        if n_replay_pool <= 0:
+            raise ValueError("replay ratio > 0 but the replay pool is empty")
+        # Different replay items each epoch: continue through a per-seed permutation.
+        perm = np.random.default_rng([int(seed), 0xF00D]).permutation(n_replay_pool)
+        start = epoch * n_rep
+        replay_idx[mask] = perm[(start + np.arange(n_rep)) % n_replay_pool]
+    return Stream(task_idx, replay_idx)
+
+
+def plan_batches(lengths: Sequence[int], global_batch: int, mode: str, seed: int,
+                 epoch: int) -> list[list[int]]:
+    """Split stream positions ``0..len(lengths)-1`` into global batches (incomplete one dropped).
+
+    ``lengths`` are the token lengths of the stream's examples *in stream order*.
+    """
+    n = len(lengths)
+    n_batches = n // global_batch
+    if mode == "random" or mode == "packed":
+        pos = np.arange(n)  # the stream is already shuffled
+        return [pos[i * global_batch:(i + 1) * global_batch].tolist() for i in range(n_batches)]
+    if mode != "length_grouped":
+        raise ValueError(f"unknown batching mode {mode!r}")
+    rng = _rng(seed, epoch + 7919)
+    lens = np.asarray(lengths)
+    mega = global_batch * GROUP_FACTOR
+    pos = np.arange(n_batches * global_batch)  # stream order; the tail is dropped
+    batches: list[list[int]] = []
+    for s in range(0, len(pos), mega):
+        chunk = pos[s:s + mega]
+        chunk = chunk[np.argsort(-lens[chunk], kind="stable")]
+        batches += [chunk[i:i + global_batch].tolist() for i in range(0, len(chunk), global_batch)]
+    order = rng.permutation(len(batches))
+    batches = [batches[i] for i in order]
+    if batches:
+        longest = max(range(len(batches)), key=lambda b: max(lens[batches[b]]))
+        batches.insert(0, batches.pop(longest))
+    return batches
+
+
+def split_step(batch: list[int], lengths: Sequence[int], world_size: int, rank: int,
+               accum: int) -> list[list[int]]:
+    """This rank's ``accum`` micro-batches of one global batch.
+
+    The global batch is sorted by length and cut into ``world_size*accum`` contiguous micro-
+    batches (similar lengths together: less padding); micro-batch ``a*world_size + r`` goes to
+    rank ``r`` as its ``a``-th micro-step.
+    """
+    n_micro = world_size * accum
+    if len(batch) % n_micro:
+        raise ValueError(f"global batch of {len(batch)} does not split into {n_micro} micro-batches")
+    size = len(batch) // n_micro
+    srt = sorted(batch, key=lambda i: -lengths[i])
+    micro = [srt[k * size:(k + 1) * size] for k in range(n_micro)]
+    return [micro[a * world_size + rank] for a in range(accum)]
+
+
+def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int = 8
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example (rounded up to a multiple): (B, T) tensors."""
+    longest = max(len(e.input_ids) for e in examples)
+    T = int(math.ceil(longest / pad_to_multiple_of) * pad_to_multiple_of)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    source = torch.zeros(B, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        attention_mask[i, :n] = 1
+        source[i] = e.source
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "source": source}

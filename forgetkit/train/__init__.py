@@ -1,0 +1,1 @@
+"""The training stage: one accelerate loop (``forgetkit.train.loop.train``)."""
