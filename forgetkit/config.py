@@ -34,6 +34,10 @@ __all__ = [
     "DistributedConfig",
     "OutputConfig",
     "RegularizerConfig",
+    "MetricSpec",
+    "EvaluationConfig",
+    "ArmSpec",
+    "ExperimentOptions",
     "Config",
     "load_config",
     "config_from_dict",
@@ -178,6 +182,55 @@ class RegularizerConfig:
 
 
 @dataclass
+class MetricSpec:
+    """One evaluation: an lm-eval task, or a forgetkit metric computed on local data.
+
+    kinds: ``lm_eval`` (a task by name: built-in, or forgetkit's shipped YAMLs / ``include_path``),
+    ``perplexity`` (token-level NLL of raw text, reported as ``nll`` and ``ppl``),
+    ``answer_nll`` (mean NLL per token of the response given the prompt, on held-out records),
+    ``generation`` (greedy generation scored by exact match, token F1 and ROUGE-L).
+    """
+
+    name: str = _f("", doc="label in the results (default: the task name)")
+    kind: Literal["lm_eval", "perplexity", "answer_nll", "generation"] = _f("lm_eval")
+    task: str | None = _f(None, doc="lm_eval: the task name")
+    metric: str | None = _f(None, doc="lm_eval: headline metric (default acc_norm, else acc)")
+    include_path: str | None = _f(None, doc="lm_eval: extra directory of task YAMLs")
+    num_fewshot: int | None = _f(None, ge=0)
+    limit: int | None = _f(None, ge=1, doc="evaluate only the first N items")
+    data: DatasetSpec | None = _f(None, doc="perplexity/answer_nll/generation: the records")
+    max_length: int = _f(512, ge=8)
+    max_new_tokens: int = _f(32, ge=1)
+
+
+@dataclass
+class EvaluationConfig:
+    task: list[MetricSpec] = _f(factory=list, doc="metrics of the fine-tuning task (learning)")
+    general: list[MetricSpec] = _f(factory=list, doc="general capability (forgetting)")
+    batch_size: int = _f(8, ge=1)
+    device: str = _f("auto", doc="auto: cuda when available, else cpu")
+    wise_alphas: list[float] = _f(factory=list, doc="WiSE-FT: also score θ0+α(θ*−θ0)")
+
+
+@dataclass
+class ArmSpec:
+    """One arm of an experiment: a name and ``section.key: value`` overrides of the base."""
+
+    name: str = _f("")
+    overrides: dict[str, Any] = _f(factory=dict)
+
+
+@dataclass
+class ExperimentOptions:
+    seeds: list[int] = _f(factory=lambda: [0])
+    arms: list[ArmSpec] = _f(factory=list)
+    grid: dict[str, list[Any]] = _f(
+        factory=dict, doc="dotted key -> values; each arm expands to one arm per combination")
+    results_dir: str = _f("results/{name}")
+    keep_checkpoints: bool = _f(False, doc="keep model/ and checkpoints/ of finished runs")
+
+
+@dataclass
 class Config:
     name: str = _f("run")
     seed: int = _f(0)
@@ -187,6 +240,8 @@ class Config:
     distributed: DistributedConfig = _f(factory=DistributedConfig)
     output: OutputConfig = _f(factory=OutputConfig)
     regularizers: list[RegularizerConfig] = _f(factory=list)
+    evaluation: EvaluationConfig = _f(factory=EvaluationConfig)
+    experiment: ExperimentOptions = _f(factory=ExperimentOptions)
 
     def output_dir(self) -> Path:
         return Path(self.output.dir.format(name=self.name))
@@ -386,10 +441,20 @@ def _reg_check(self: RegularizerConfig, where: str, src: str) -> None:
         raise ConfigError(f"{src}: {where}.ratio: expected a value > 0 and < 1, got {self.ratio}")
 
 
+def _metric_check(self: MetricSpec, where: str, src: str) -> None:
+    if self.kind == "lm_eval" and not self.task:
+        raise ConfigError(f"{src}: {where}.task: an lm_eval metric needs a task name")
+    if self.kind != "lm_eval" and self.data is None:
+        raise ConfigError(f"{src}: {where}.data: a '{self.kind}' metric needs a data source")
+    if not self.name:
+        self.name = self.task or self.kind
+
+
 ModelConfig._check = _model_check  # type: ignore[attr-defined]
 DatasetSpec._check = _dataset_check  # type: ignore[attr-defined]
 TrainingConfig._check = _training_check  # type: ignore[attr-defined]
 RegularizerConfig._check = _reg_check  # type: ignore[attr-defined]
+MetricSpec._check = _metric_check  # type: ignore[attr-defined]
 
 
 def parse_overrides(items: list[str], src: str = "command line") -> dict[str, Any]:

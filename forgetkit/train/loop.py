@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from forgetkit.config import Config, dump_config
+from forgetkit.config import Config, ConfigError, dump_config
 from forgetkit.data.batching import collate, epoch_stream, plan_batches, split_step
 from forgetkit.data.sources import build_examples, load_records, select, split_records
 from forgetkit.data.templates import IGNORE_INDEX, Example
@@ -98,7 +98,8 @@ def build_data(cfg: Config, tokenizer: Any, replay_spec: Any = None, replay_rati
         replay = build_examples(rec, replay_spec, tokenizer, d.max_length, d.train_on_prompt,
                                 packed=False, source=1)
     if not train:
-        raise ValueError("no training examples left after tokenisation")
+        raise ConfigError(f"data.train: no example keeps a target token within "
+                          f"data.max_length={d.max_length}; raise data.max_length")
     return TrainData(train, val, replay, replay_ratio)
 
 

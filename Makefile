@@ -1,0 +1,52 @@
+# forgetkit: every target creates or reuses the virtual environment .venv/ with everything
+# installed, so `make demo` and `make test` work on a fresh machine.
+#
+# torch: on a machine without an NVIDIA driver the install is pinned to the CPU build through
+# constraints-cpu.txt (a bare `torch` requirement would pull several GB of CUDA wheels). On a
+# CUDA machine nothing is pinned and your own CUDA torch (or pip's default) is used; override
+# with `make CONSTRAINTS=my-constraints.txt ...`.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,constraints-cpu.txt)
+PIPC := $(BIN)/pip install --disable-pip-version-check -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo smoke test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip setuptools wheel
+	# torch first: DeepSpeed's build imports it (built without isolation so the pin holds).
+	$(PIPC) "torch>=2.4"
+	$(PIPC) -e ".[dev]"
+	$(PIPC) --no-build-isolation "deepspeed>=0.15"
+	touch $(STAMP)
+
+# The main job. Until the embedded medical experiment lands, the smoke experiment.
+demo: $(STAMP)
+	$(PY) -m forgetkit.train experiments/smoke.yaml
+
+smoke: $(STAMP)
+	$(PY) -m forgetkit.train experiments/smoke.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check forgetkit tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,180 @@
+"""The training loop on a tiny random-init Llama: golden losses, accumulation, resume, seams."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from forgetkit.train.loop import NonFiniteLoss, train
+from forgetkit.train.optim import count_layers, layer_depth, lr_factor, param_groups
+
+# Losses of the first 4 optimizer steps of the tiny config (seed 0, torch 2.13 CPU fp32).
+GOLDEN = [5.574470, 5.435926, 5.435996, 5.300259]
+
+
+def losses(out_dir: Path) -> list[float]:
+    recs = [json.loads(x) for x in (out_dir / "train_log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if "loss" in r]
+
+
+def weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out_dir / "model" / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=0.0, rtol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=k)
+
+
+def test_golden_losses(tiny_cfg):
+    cfg = tiny_cfg()
+    res = train(cfg, progress=False)
+    got = losses(res.out_dir)
+    assert len(got) == 4
+    assert got == pytest.approx(GOLDEN, rel=1e-4), got
+    assert got[-1] < got[0]
+    assert res.final_val_loss is not None and math.isfinite(res.final_val_loss)
+    assert (res.out_dir / "config.yaml").exists()
+
+
+def test_accumulation_equals_large_batch(tiny_cfg, tmp_path):
+    a = train(tiny_cfg(training={"micro_batch_size": 2, "gradient_accumulation_steps": 4},
+                       output={"dir": str(tmp_path / "a")}), progress=False)
+    b = train(tiny_cfg(training={"micro_batch_size": 8, "gradient_accumulation_steps": 1},
+                       output={"dir": str(tmp_path / "b")}), progress=False)
+    assert losses(a.out_dir) == pytest.approx(losses(b.out_dir), rel=1e-5)
+    assert_same_weights(weights(a.out_dir), weights(b.out_dir), atol=2e-6, rtol=1e-5)
+
+
+def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
+    sec = {"max_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 5}
+    full = train(tiny_cfg(training=sec, output={"dir": str(tmp_path / "full")}), progress=False)
+    cfg = tiny_cfg(training=sec, output={"dir": str(tmp_path / "cut")})
+    first = train(cfg, progress=False)
+    # Simulate a kill after step 4's checkpoint: remove what came later.
+    shutil.rmtree(first.out_dir / "checkpoints" / "step-00000006")
+    shutil.rmtree(first.out_dir / "model")
+    second = train(cfg, progress=False)
+    assert second.resumed_from == 4
+    assert_same_weights(weights(full.out_dir), weights(second.out_dir))
+    assert losses(second.out_dir) == losses(full.out_dir)
+
+
+def test_schedules():
+    # warmup 10 of 100 steps, cosine to 10 % floor
+    f = [lr_factor(s, 100, 10, "cosine", 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == 1.0
+    assert f[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert lr_factor(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert lr_factor(55, 100, 10, "linear", 0.1) == pytest.approx(0.5)
+    assert lr_factor(5, 100, 10, "constant", 0.1) == pytest.approx(0.6)
+    assert lr_factor(50, 100, 10, "constant", 0.1) == 1.0
+
+
+def test_discriminative_lr_groups(tiny_cfg):
+    from forgetkit.models import load_model
+
+    cfg = tiny_cfg(training={"layer_lr_decay": 0.5, "weight_decay": 0.1})
+    model, _ = load_model(cfg.model)
+    named = list(model.named_parameters())
+    assert count_layers(n for n, _ in named) == 2
+    assert layer_depth("model.layers.1.mlp.up_proj.weight", 2) == 1
+    assert layer_depth("model.layers.0.mlp.up_proj.weight", 2) == 2
+    assert layer_depth("model.embed_tokens.weight", 2) == 3
+    assert layer_depth("model.norm.weight", 2) == 0
+    groups = param_groups(named, cfg.training)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["model.layers.1.self_attn.q_proj.weight"]["lr"] == pytest.approx(1e-3 * 0.5)
+    assert by_name["model.layers.0.self_attn.q_proj.weight"]["lr"] == pytest.approx(1e-3 * 0.25)
+    assert by_name["model.embed_tokens.weight"]["lr"] == pytest.approx(1e-3 * 0.125)
+    assert by_name["model.norm.weight"]["lr"] == pytest.approx(1e-3)
+    # no weight decay on norms (1-D); decay on matrices
+    assert by_name["model.norm.weight"]["weight_decay"] == 0.0
+    assert by_name["model.layers.0.input_layernorm.weight"]["weight_decay"] == 0.0
+    assert by_name["model.layers.0.mlp.up_proj.weight"]["weight_decay"] == 0.1
+
+
+class Recorder:
+    """A test double for the regularizer seam: records every call the loop makes."""
+
+    def __init__(self, nan_at_step: int | None = None):
+        self.name = "rec"
+        self.calls: list[str] = []
+        self.steps = 0
+        self.nan_at_step = nan_at_step
+
+    def prepare(self, ctx):
+        self.calls.append("prepare")
+        self.n_params = sum(1 for _ in ctx.named_params())
+
+    def penalty(self, ctx, batch):
+        self.calls.append("penalty")
+        return None
+
+    def grad_term(self, ctx):
+        self.calls.append("grad_term")
+        self.steps += 1
+        if self.nan_at_step is not None and self.steps == self.nan_at_step:
+            for _, p in ctx.named_params():
+                p.grad.fill_(float("nan"))
+        return torch.tensor(float(self.steps))
+
+    def after_step(self, ctx, lr):
+        self.calls.append("after_step")
+        return None
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def test_regularizer_seam_call_order_and_logging(tiny_cfg):
+    rec = Recorder()
+    res = train(tiny_cfg(training={"gradient_accumulation_steps": 2, "max_steps": 3}), [rec],
+                progress=False)
+    per_step = ["penalty", "penalty", "grad_term", "after_step"]
+    assert rec.calls == ["prepare"] + per_step * 3
+    logged = [json.loads(x) for x in (res.out_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["reg/rec"] for r in logged if "reg/rec" in r] == [1.0, 2.0, 3.0]
+    state = torch.load(res.out_dir / "checkpoints" / "step-00000003" / "regularizers-rank0.pt")
+    assert state == {"rec": {"steps": 3}}
+
+
+def test_nonfinite_stops_and_keeps_last_good_checkpoint(tiny_cfg):
+    rec = Recorder(nan_at_step=3)
+    cfg = tiny_cfg(training={"max_steps": 5, "checkpoint_every": 1, "keep_checkpoints": 10})
+    with pytest.raises(NonFiniteLoss, match="non-finite"):
+        train(cfg, [rec], progress=False)
+    ckpts = sorted(p.name for p in (cfg.output_dir() / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-00000001", "step-00000002"]
+    assert not (cfg.output_dir() / "model").exists()
+
+
+def test_saved_checkpoint_loads_with_transformers(tiny_cfg):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    res = train(tiny_cfg(training={"max_steps": 1}), progress=False)
+    model = AutoModelForCausalLM.from_pretrained(res.model_dir)
+    tok = AutoTokenizer.from_pretrained(res.model_dir)
+    ids = tok("hello", return_tensors="pt")["input_ids"]
+    out = model(ids)
+    assert out.logits.shape == (1, ids.shape[1], len(tok))
+    assert model.config.use_cache is True
+
+
+def test_gradient_checkpointing_same_losses(tiny_cfg, tmp_path):
+    a = train(tiny_cfg(training={"max_steps": 2}, output={"dir": str(tmp_path / "a")}),
+              progress=False)
+    b = train(tiny_cfg(model={"gradient_checkpointing": True}, training={"max_steps": 2},
+                       output={"dir": str(tmp_path / "b")}), progress=False)
+    assert losses(a.out_dir) == pytest.approx(losses(b.out_dir), rel=1e-6)
