@@ -79,6 +79,7 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(False)
     attn_implementation: str | None = _f(None, doc="e.g. sdpa, eager, flash_attention_2")
     revision: str | None = _f(None)
+    init_seed: int = _f(0, doc="random_init: weights seed (fixed across run seeds: one base)")
 
 
 @dataclass
@@ -133,7 +134,6 @@ class TrainingConfig:
     checkpoint_every: int = _f(0, ge=0, doc="checkpoint every N optimizer steps (0: end only)")
     keep_checkpoints: int = _f(1, ge=1)
     resume: bool = _f(True, doc="continue from the newest checkpoint in the output dir")
-    seed: int = _f(0)
 
 
 @dataclass
@@ -218,16 +218,18 @@ class ArmSpec:
 
     name: str = _f("")
     overrides: dict[str, Any] = _f(factory=dict)
+    grid: dict[str, list[Any]] = _f(
+        factory=dict, doc="dotted key -> values: the arm expands into one arm per combination")
 
 
 @dataclass
 class ExperimentOptions:
     seeds: list[int] = _f(factory=lambda: [0])
     arms: list[ArmSpec] = _f(factory=list)
-    grid: dict[str, list[Any]] = _f(
-        factory=dict, doc="dotted key -> values; each arm expands to one arm per combination")
     results_dir: str = _f("results/{name}")
     keep_checkpoints: bool = _f(False, doc="keep model/ and checkpoints/ of finished runs")
+    launcher: list[str] = _f(factory=list, doc="training-stage launcher, e.g. [torchrun, "
+                             "--nproc_per_node, '4']; default: this Python, one process")
 
 
 @dataclass
@@ -474,15 +476,25 @@ def parse_overrides(items: list[str], src: str = "command line") -> dict[str, An
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Set dotted keys in a raw (unvalidated) config mapping; validation happens afterwards."""
     for dotted, value in overrides.items():
-        node = raw
+        node: Any = raw
         parts = dotted.split(".")
-        for p in parts[:-1]:
-            nxt = node.get(p)
-            if not isinstance(nxt, dict):
-                nxt = {}
-                node[p] = nxt
-            node = nxt
-        node[parts[-1]] = value
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):  # numeric parts index lists: regularizers.0.lambda
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:i])} has "
+                                      f"{len(node)} entries; {p!r} is not a valid index")
+                if last:
+                    node[int(p)] = value
+                else:
+                    node = node[int(p)]
+                continue
+            if last:
+                node[p] = value
+            else:
+                if not isinstance(node.get(p), (dict, list)):
+                    node[p] = {}
+                node = node[p]
     return raw
 
 

@@ -98,12 +98,13 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def load_model(cfg: ModelConfig, tokenizer: Any | None = None, seed: int = 0
+def load_model(cfg: ModelConfig, tokenizer: Any | None = None, seed: int | None = None
                ) -> tuple[torch.nn.Module, Any]:
     """Load (model, tokenizer) with every parameter trainable.
 
     A random-init model is built from ``cfg.random_init`` (a transformers config dict) with the
-    torch RNG seeded by ``seed``, so every process builds identical weights.
+    torch RNG seeded by ``cfg.init_seed``, so every process (and every run seed) builds the same
+    base weights.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -121,7 +122,7 @@ def load_model(cfg: ModelConfig, tokenizer: Any | None = None, seed: int = 0
         if cfg.attn_implementation:
             config._attn_implementation = cfg.attn_implementation
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(cfg.init_seed if seed is None else seed)
             model = AutoModelForCausalLM.from_config(
                 config, dtype=torch.float32 if dtype == "auto" else dtype)
         where = f"random init ({model_type})"

@@ -286,7 +286,7 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
     seed_everything(cfg.seed)
 
     # -- model and data (identical on every rank: same seed, same files)
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    model, tokenizer = load_model(cfg.model)
     data = build_data(cfg, tokenizer, replay, replay_ratio)
     plan = StepPlan(data, cfg, backend.world_size)
     log.info("data: %d train / %d validation examples (+%d replay pool, ratio %.3f); "
@@ -462,9 +462,18 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
             shutil.rmtree(model_dir, ignore_errors=True)
             os.replace(tmp, model_dir)
         backend.barrier()
+    result = TrainResult(out_dir, model_dir, plan.total_steps, counters["tokens"],
+                         counters["target_tokens"], counters["time_s"], val_loss, resumed_from)
+    if backend.is_main:
+        info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+        info.update(world_size=backend.world_size, strategy=backend.name,
+                    n_train_examples=len(data.train), n_validation_examples=len(data.validation),
+                    n_replay_pool=len(data.replay), global_batch=plan.global_batch)
+        tmp = out_dir / "train_result.json.tmp"
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, out_dir / "train_result.json")
     log.info("trained %d steps, %s tokens (%s targets) in %.1fs; validation loss %s",
              plan.total_steps, human_count(counters["tokens"]),
              human_count(counters["target_tokens"]), counters["time_s"],
              f"{val_loss:.4f}" if val_loss is not None else "n/a")
-    return TrainResult(out_dir, model_dir, plan.total_steps, counters["tokens"],
-                       counters["target_tokens"], counters["time_s"], val_loss, resumed_from)
+    return result
