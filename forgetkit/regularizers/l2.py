@@ -1,0 +1,277 @@
+"""L2-SP: pull the weights toward their starting point theta0 (Li et al., 2018).
+
+Penalty ``lambda/2 * ||theta - theta0||^2`` over the selected parameters, in one of two places:
+
+``coupled`` (default)
+    ``grad_term`` adds ``lambda * (theta - theta0)`` to ``p.grad`` after the backward pass (when
+    gradients are reduced across ranks) and before clipping, with ``torch._foreach`` kernels.
+    This is exactly the gradient of the penalty added to the loss; Adam then rescales it with
+    everything else: a weight whose task gradient is small gets its pull *amplified* (the update
+    of a pure pull is ~ lr * sign(theta - theta0)), a weight with large task gradients has it
+    drowned. Gradient clipping sees the pull too.
+``decoupled``
+    ``after_step`` applies ``theta <- theta - lr * lambda * (theta - theta0)`` after the optimizer
+    step, like AdamW's decoupled weight decay but toward theta0 (Loshchilov & Hutter, 2019): the
+    pull is exactly ``lr * lambda * (theta - theta0)`` whatever Adam's statistics, not clipped,
+    and follows the learning-rate schedule (each parameter group's current lr, so
+    ``layer_lr_decay`` scales it too). ``lr * lambda`` must stay <= 1.
+
+theta0 is snapshotted in ``prepare`` from ``ctx.params()`` (after placement/sharding, so under
+FSDP each rank keeps only its local shard) in ``anchor_dtype`` on the parameter's device: memory
+cost one extra copy of the selected weights in that dtype. The logged value ``reg/<name>`` is the
+penalty ``lambda/2 * ||theta - theta0||^2`` over *all* ranks (local shard sums are all-reduced).
+
+DeepSpeed ZeRO-1/2 does not leave gradients in ``p.grad`` after backward (they live in its
+partitions), so there the coupled variant is applied through the loss instead: ``penalty``
+returns ``lambda/2 * ||theta - theta0||^2`` with autograd, whose gradient is the same
+``lambda * (theta - theta0)`` (it is computed once per micro-batch and divided by the number of
+micro-batches by the loop). ZeRO-3 (parameters partitioned outside forward) and the decoupled
+variant under DeepSpeed (the fp32 master weights live inside the optimizer) are not supported and
+raise at ``prepare``.
+
+Resume: theta0 is *recomputed* in ``prepare`` (the loop reloads the initial model from the same
+config before restoring the checkpoint), not stored in every checkpoint (that would cost a full
+model copy per checkpoint). ``state_dict`` holds a global fingerprint of theta0 (sum, sum of
+squares, count) and ``load_state_dict`` checks it, so a resume against different initial weights
+fails loudly instead of silently changing the anchor.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from forgetkit.regularizers.base import RegContext
+from forgetkit.regularizers.fisher import is_dtensor, local_tensor
+from forgetkit.regularizers.functional import decoupled_pull_, l2_grad_, l2_penalty
+
+log = logging.getLogger("forgetkit")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def select_params(named: Sequence[tuple[str, torch.nn.Parameter]], include: Sequence[str] = (),
+                  exclude: Sequence[str] = ()) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable parameters whose name matches an ``include`` regex (all when empty) and no
+    ``exclude`` regex (``re.search`` semantics).
+
+    Args:
+        named: (name, parameter) pairs.
+        include: regex patterns; empty means every parameter.
+        exclude: regex patterns removed afterwards.
+
+    Returns:
+        The selected (name, parameter) pairs, in the given order.
+    """
+    inc = [re.compile(p) for p in include]
+    exc = [re.compile(p) for p in exclude]
+    out = []
+    for n, p in named:
+        if not p.requires_grad:
+            continue
+        if inc and not any(r.search(n) for r in inc):
+            continue
+        if any(r.search(n) for r in exc):
+            continue
+        out.append((n, p))
+    return out
+
+
+def backend_name(ctx: RegContext) -> str:
+    return str(getattr(ctx.backend, "name", "single")) if ctx.backend is not None else "single"
+
+
+def zero_stage(ctx: RegContext) -> int | None:
+    if backend_name(ctx) != "deepspeed":
+        return None
+    return int(getattr(getattr(ctx.backend, "dcfg", None), "zero_stage", 2))
+
+
+class AnchoredRegularizer:
+    """Shared machinery of L2-SP and EWC: parameter selection, theta0, sharding, fingerprints."""
+
+    name = "anchored"
+    kind = "anchored"
+
+    def __init__(self, lam: float, include: Sequence[str] = (), exclude: Sequence[str] = (),
+                 anchor_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                 name: str | None = None) -> None:
+        if lam < 0:
+            raise ValueError(f"lambda must be >= 0, got {lam}")
+        self.lam = float(lam)
+        self.include, self.exclude = list(include), list(exclude)
+        self.anchor_dtype = _DTYPES[anchor_dtype]
+        if name is not None:
+            self.name = name
+        self.names: list[str] = []
+        self.params: list[torch.nn.Parameter] = []
+        self.anchor: list[torch.Tensor] = []
+        self.sharded = False
+        self.mode: Literal["grad", "loss"] = "grad"
+        self.fingerprint: dict[str, list[float]] = {}
+        self._ctx: RegContext | None = None
+
+    # ---- set-up
+    def _setup(self, ctx: RegContext, decoupled: bool = False) -> None:
+        self._ctx = ctx
+        chosen = select_params(list(ctx.params()), self.include, self.exclude)
+        if not chosen:
+            raise ValueError(f"regularizer {self.name!r}: include/exclude patterns select no "
+                             f"trainable parameter (include={self.include}, "
+                             f"exclude={self.exclude})")
+        self.names = [n for n, _ in chosen]
+        self.params = [p for _, p in chosen]
+        self.sharded = any(is_dtensor(p) for p in self.params)
+        stage = zero_stage(ctx)
+        if stage is not None:
+            if stage == 3:
+                raise NotImplementedError(
+                    f"regularizer {self.name!r} ({self.kind}) under DeepSpeed ZeRO-3 is not "
+                    "supported (parameters are partitioned outside forward); use "
+                    "distributed.strategy=fsdp or zero_stage 1/2")
+            if decoupled:
+                raise NotImplementedError(
+                    f"regularizer {self.name!r}: the decoupled L2-SP variant is not supported "
+                    "under DeepSpeed (the fp32 master weights live inside its optimizer); use "
+                    "variant: coupled, or distributed.strategy ddp/fsdp")
+            self.mode = "loss"  # gradients are not in p.grad: go through autograd
+        with torch.no_grad():
+            self.anchor = [local_tensor(p).detach().to(dtype=self.anchor_dtype, copy=True)
+                           for p in self.params]
+        self.fingerprint = {"theta0": self._global_fingerprint(ctx, self.anchor)}
+        n = sum(p.numel() for p in self.params)
+        log.info("regularizer %s: %d tensors (%s weights), lambda=%g, mode=%s", self.name,
+                 len(self.params), f"{n:,}", self.lam, self.mode)
+
+    def _global_fingerprint(self, ctx: RegContext, tensors: Sequence[torch.Tensor]
+                            ) -> list[float]:
+        """[sum, sum of squares, count] over all ranks (fp64): independent of the sharding."""
+        dev = tensors[0].device if tensors else ctx.device
+        t = torch.zeros(3, dtype=torch.float64, device=dev)
+        for a in tensors:
+            t[0] += a.sum(dtype=torch.float64)
+            t[1] += torch.linalg.vector_norm(a, dtype=torch.float64).pow(2)
+            t[2] += a.numel()
+        self._all_reduce(ctx, t)
+        return t.tolist()
+
+    def _all_reduce(self, ctx: RegContext, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, only where the tensors are shards (full replicas need nothing)."""
+        if self.sharded and ctx.world_size > 1:
+            if ctx.backend is not None and hasattr(ctx.backend, "all_reduce_sum"):
+                ctx.backend.all_reduce_sum(t)
+            else:
+                import torch.distributed as dist
+
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def _local_params(self) -> list[torch.Tensor]:
+        return [local_tensor(p) for p in self.params]
+
+    def _local_grads(self) -> list[torch.Tensor]:
+        out = []
+        for p in self.params:
+            if p.grad is None:  # unused in this step's forward: its gradient is the pull alone
+                p.grad = torch.zeros_like(p)
+            out.append(local_tensor(p.grad))
+        return out
+
+    # ---- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "lam": self.lam, "names": list(self.names),
+                "fingerprint": {k: list(v) for k, v in self.fingerprint.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("fingerprint", {})
+        for key, mine in self.fingerprint.items():
+            theirs = saved.get(key)
+            if theirs is None:
+                continue
+            for a, b in zip(mine, theirs, strict=True):
+                if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9):
+                    raise RuntimeError(
+                        f"resume: regularizer {self.name!r}: the {key} recomputed at start-up "
+                        f"differs from the one the checkpoint was trained with ({mine} vs "
+                        f"{theirs}); the initial model or the regularizer data changed")
+        if state.get("names") is not None and list(state["names"]) != self.names:
+            raise RuntimeError(f"resume: regularizer {self.name!r} selects different parameters "
+                               "than the checkpointed run (include/exclude changed?)")
+
+
+class L2SP(AnchoredRegularizer):
+    """``lambda/2 * ||theta - theta0||^2`` toward the starting weights (see the module docstring).
+
+    Args:
+        lam: strength lambda.
+        variant: ``"coupled"`` (gradient term, rescaled by Adam) or ``"decoupled"``
+            (``theta -= lr * lambda * (theta - theta0)`` after the step).
+        include: regex patterns of parameter names (default: all trainable parameters).
+        exclude: regex patterns removed from the selection.
+        anchor_dtype: dtype theta0 is kept in.
+        name: the name logged as ``reg/<name>`` (default ``l2``).
+    """
+
+    name = "l2"
+    kind = "l2"
+
+    def __init__(self, lam: float, variant: Literal["coupled", "decoupled"] = "coupled",
+                 include: Sequence[str] = (), exclude: Sequence[str] = (),
+                 anchor_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                 name: str | None = None) -> None:
+        super().__init__(lam, include, exclude, anchor_dtype, name)
+        if variant not in ("coupled", "decoupled"):
+            raise ValueError(f"unknown L2-SP variant {variant!r}")
+        self.variant = variant
+        self._group_of: dict[int, dict[str, Any]] | None = None
+
+    def prepare(self, ctx: RegContext) -> None:
+        self._setup(ctx, decoupled=self.variant == "decoupled")
+
+    def value(self, ctx: RegContext) -> torch.Tensor:
+        """The current global penalty ``lambda/2 * ||theta - theta0||^2`` (no gradient)."""
+        with torch.no_grad():
+            local = {str(i): p for i, p in enumerate(self._local_params())}
+            anchor = {str(i): a for i, a in enumerate(self.anchor)}
+            v = self.lam * l2_penalty(local, anchor)
+        return self._all_reduce(ctx, v)
+
+    def penalty(self, ctx: RegContext, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if self.mode != "loss":
+            return None
+        params = {str(i): p for i, p in enumerate(self.params)}
+        anchor = {str(i): a for i, a in enumerate(self.anchor)}
+        return self.lam * l2_penalty(params, anchor)
+
+    def grad_term(self, ctx: RegContext) -> torch.Tensor | None:
+        if self.mode != "grad" or self.variant != "coupled":
+            return None
+        v = l2_grad_(self._local_grads(), self._local_params(), self.anchor, self.lam)
+        return self._all_reduce(ctx, v)
+
+    def _lrs(self, ctx: RegContext, lr: float) -> list[float]:
+        """Each parameter's current lr (its optimizer group's), else the scheduled lr."""
+        opt = getattr(ctx.backend, "optimizer", None) if ctx.backend is not None else None
+        groups = getattr(opt, "param_groups", None)
+        if not groups:
+            return [lr] * len(self.params)
+        if self._group_of is None:
+            self._group_of = {id(p): g for g in groups for p in g["params"]}
+        return [float(self._group_of[id(p)]["lr"]) if id(p) in self._group_of else lr
+                for p in self.params]
+
+    def after_step(self, ctx: RegContext, lr: float) -> torch.Tensor | None:
+        if self.variant != "decoupled":
+            return None
+        v = self.value(ctx)
+        decoupled_pull_(self._local_params(), self.anchor,
+                        [x * self.lam for x in self._lrs(ctx, lr)])
+        return v
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "variant": self.variant}
