@@ -39,6 +39,41 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return best
 
 
+def retie_shared(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Make the entries of tied parameters (e.g. ``lm_head.weight`` = ``embed_tokens.weight``)
+    one tensor again.
+
+    Gathering a sharded model (FSDP2 ``full_state_dict``) materialises every *name* separately, so
+    tied weights come back as equal but distinct tensors; ``save_pretrained`` only drops the
+    duplicate of tensors that share storage, and would otherwise write both.
+    """
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            if name in sd and first[id(p)] in sd:
+                sd[name] = sd[first[id(p)]]
+        else:
+            first[id(p)] = name
+    return sd
+
+
+def _ensure_process_group(cpu: bool) -> None:
+    """Give a plain ``python`` (no torchrun) run of a sharded strategy a 1-process group.
+
+    FSDP2's device mesh and ``deepspeed.initialize`` need torch.distributed even for one process
+    (DeepSpeed otherwise falls back to MPI discovery); accelerate creates a group only for >1
+    process. An in-memory HashStore needs no port and no environment variables.
+    """
+    if dist.is_initialized():  # torchrun / accelerate launch: accelerate made the group
+        return
+    backend = "gloo" if cpu else "nccl"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    # DeepSpeed reads these instead of asking torch.distributed.
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"
+                 }.items():
+        os.environ.setdefault(k, v)
+
+
 class Backend:
     """Base/single-process and DDP backend (via accelerate)."""
 
@@ -52,6 +87,8 @@ class Backend:
         # must not divide the loss by the number of micro-steps: gradient_accumulation_steps=1.
         mp = tcfg.mixed_precision if dcfg.strategy != "deepspeed" else "no"
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mp)
+        if dcfg.strategy in ("fsdp", "deepspeed"):
+            _ensure_process_group(cpu)
         self.dcfg, self.tcfg = dcfg, tcfg
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
@@ -199,14 +236,23 @@ class FSDPBackend(Backend):
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sd = get_model_state_dict(self.model, options=opts)  # collective: every rank calls it
-        return sd if self.is_main else None
+        return retie_shared(sd, self.model) if self.is_main else None
 
 
 class DeepSpeedBackend(Backend):
     """DeepSpeed ZeRO-1/2/3 through ``deepspeed.initialize`` (CPU gloo or GPU nccl).
 
-    DeepSpeed owns gradient reduction, clipping and the optimizer step. The loop's token-normalised
-    loss is multiplied by the accumulation count because the engine divides by it again.
+    DeepSpeed owns gradient reduction, clipping and the optimizer step. Two things differ from how
+    DeepSpeed is normally driven, both because the loop owns accumulation and loss scaling:
+
+    * The engine would divide every micro-batch loss by ``gradient_accumulation_steps``; the loop's
+      loss is already normalised by the step's global target-token count, so ``backward`` passes
+      ``scale_wrt_gas=False`` (no scaling at all, rather than multiply-then-divide).
+    * The engine counts micro-steps in ``step()`` to find the accumulation boundary and expects
+      ``step()`` after *every* micro-batch. The loop calls ``optimizer_step`` once per optimizer
+      step, so the boundary is set explicitly per micro-batch in ``sync_context`` (the API
+      DeepSpeed documents for this calling pattern). Without it, accumulation > 1 reduced and
+      stepped only on every ``accum``-th call: half the steps were silently skipped.
     """
 
     name = "deepspeed"
@@ -220,6 +266,7 @@ class DeepSpeedBackend(Backend):
                                "pip install 'forgetkit[deepspeed]'") from None
 
     def ds_config(self) -> dict[str, Any]:
+        """The DeepSpeed config, derived from forgetkit's config (the single source of truth)."""
         t, d = self.tcfg, self.dcfg
         zero: dict[str, Any] = {"stage": d.zero_stage}
         if d.offload_optimizer:
@@ -235,7 +282,7 @@ class DeepSpeedBackend(Backend):
             "zero_optimization": zero,
             "bf16": {"enabled": t.mixed_precision == "bf16"},
             "fp16": {"enabled": t.mixed_precision == "fp16"},
-            "zero_allow_untested_optimizer": True,
+            "zero_allow_untested_optimizer": True,  # the torch AdamW/SGD forgetkit builds
             "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
@@ -254,37 +301,77 @@ class DeepSpeedBackend(Backend):
         return getattr(self.model, "module", self.model)
 
     def autocast(self):
-        return contextlib.nullcontext()
+        return contextlib.nullcontext()  # the engine runs the module in bf16/fp16 itself
 
     def sync_context(self, sync):
-        return contextlib.nullcontext()  # the engine knows the accumulation boundary itself
+        # Reduce gradients (and let step() update) only on the last micro-batch of the step.
+        self.model.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
 
     def backward(self, loss):
-        # The engine scales the loss by 1/gradient_accumulation_steps; undo it.
-        self.model.backward(loss * self.tcfg.gradient_accumulation_steps)
+        self.model.backward(loss, scale_wrt_gas=False)  # the loop's loss is already normalised
 
     def clip_grad_norm(self, max_norm):
         return torch.zeros(())  # clipping happens inside engine.step(); norm read after it
 
     def optimizer_step(self):
-        self.model.step()
+        self.model.step()  # reduces (ZeRO-1), clips, steps, zeroes the gradients
 
     def grad_norm_after_step(self) -> torch.Tensor:
+        """The global gradient norm before clipping, as the engine computed it in ``step()``."""
         n = self.model.get_global_grad_norm()
         return torch.as_tensor(0.0 if n is None else n, dtype=torch.float32)
 
     def full_state_dict(self):
-        if self.dcfg.zero_stage == 3:
-            sd = self.model._zero3_consolidated_16bit_state_dict()  # collective
-        else:
-            sd = {k: v.detach().cpu() for k, v in self.model.module.state_dict().items()}
-        return sd if self.is_main else None
+        """The fp32 master weights, gathered (collectively) on rank 0.
+
+        Not ``module.state_dict()`` / ``_zero3_consolidated_16bit_state_dict()``: with bf16/fp16
+        the engine's module holds rounded 16-bit copies, while single/DDP/FSDP save the fp32
+        weights the optimizer updates. ``safe_get_full_fp32_param`` assembles one parameter's
+        fp32 master from the ZeRO partitions (an all-reduce / all-gather over the data-parallel
+        group), so every rank must walk the parameters in the same order -- they do, it is the
+        same module.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.unwrap()
+        sd: dict[str, torch.Tensor] = {}
+        seen: dict[int, str] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if id(p) in seen:  # tied weight: the same tensor under a second name
+                if self.is_main:
+                    sd[name] = sd[seen[id(p)]]
+                continue
+            seen[id(p)] = name
+            full = safe_get_full_fp32_param(p)  # collective; None for frozen parameters
+            if full is None:
+                full = self._gather_param(p)
+            if self.is_main:
+                sd[name] = full.detach().to("cpu", copy=True)
+        if not self.is_main:
+            return None
+        for mod_name, mod in module.named_modules():  # persistent buffers, e.g. position ids
+            for b_name, buf in mod.named_buffers(recurse=False):
+                if buf is not None and b_name not in mod._non_persistent_buffers_set:
+                    sd[f"{mod_name}.{b_name}" if mod_name else b_name] = buf.detach().cpu()
+        return sd
+
+    def _gather_param(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """A parameter with no fp32 master (frozen): gather it from ZeRO-3 shards if needed."""
+        if not hasattr(p, "ds_id"):
+            return p.data
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):  # collective
+            return p.data.clone()
 
     def save_training_state(self, path):
-        self.model.save_checkpoint(str(path / "deepspeed"), tag="state")
+        self.model.save_checkpoint(str(path / "deepspeed"), tag="state")  # collective
 
     def load_training_state(self, path):
-        self.model.load_checkpoint(str(path / "deepspeed"), tag="state")
+        load_path, _ = self.model.load_checkpoint(str(path / "deepspeed"), tag="state")
+        if load_path is None:  # DeepSpeed only logs a warning when nothing was loaded
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {path / 'deepspeed'}")
 
 
 def make_backend(dcfg: DistributedConfig, tcfg: TrainingConfig) -> Backend:
