@@ -498,7 +498,21 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return raw
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping. A top-level ``extends: other.yaml`` (relative to this file) reads that
+    file first and merges this one on top (mappings key by key; lists and scalars replace), so a
+    quick and a full-size experiment can share one base file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -511,6 +525,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: extends: expected a file name, got {parent!r}")
+        ppath = (path.parent / parent).resolve()
+        if ppath in _seen or ppath == path.resolve():
+            raise ConfigError(f"{path}: extends: circular reference through {ppath}")
+        raw = deep_merge(read_yaml(ppath, (*_seen, path.resolve())), raw)
     return raw
 
 

@@ -123,6 +123,7 @@ def plan_runs(raw: dict[str, Any], src: str, arms: list[str] | None = None,
             r.setdefault("output", {})
             r["output"] = {**(r["output"] or {}), "dir": str(d), "save_model": True}
             cfg = config_from_dict(r, f"{src} (arm '{name}')")
+            share_fisher(cfg, root)
             runs.append(RunSpec(name, seed, point, cfg, d))
     return base, runs
 
@@ -138,6 +139,25 @@ def base_model_identity(cfg: Config) -> dict[str, Any]:
     for k in ("gradient_checkpointing", "attn_implementation"):
         m.pop(k, None)  # training-time options: same weights
     return m
+
+
+def share_fisher(cfg: Config, root: Path) -> None:
+    """Point every EWC regularizer without a ``fisher_path`` at a shared cache file.
+
+    The file name hashes everything the estimate depends on (base model, Fisher data and
+    settings, max length, seed), so arms that differ only in lambda (a sweep) or in other
+    regularizers estimate the Fisher once and reuse it. Online EWC keeps its own chain.
+    """
+    for rc in cfg.regularizers:
+        if rc.type != "ewc" or rc.fisher_path or rc.online_gamma is not None:
+            continue
+        key = _hash({"model": base_model_identity(cfg),
+                     "fisher": {k: v for k, v in config_to_dict(rc).items()
+                                if k in ("fisher_data", "fisher_examples", "fisher_batch_size",
+                                         "estimator", "fisher_samples", "include", "exclude")},
+                     "max_length": cfg.data.max_length, "train_on_prompt":
+                     cfg.data.train_on_prompt, "seed": cfg.seed})
+        rc.fisher_path = str(root / "_cache" / f"fisher-{key}.safetensors")
 
 
 def base_checkpoint(cfg: Config, root: Path) -> str:

@@ -128,3 +128,19 @@ def test_cli_exit_2_no_traceback_writes_nothing(tmp_path):
 def test_shipped_experiment_files_validate():
     for p in sorted((ROOT / "experiments").glob("*.yaml")):
         load_config(p)
+
+
+def test_extends_merges_a_base_file(tmp_path):
+    from forgetkit.config import ConfigError, load_config
+
+    (tmp_path / "base.yaml").write_text(
+        "name: base\ntraining: {lr: 1.0e-4, max_steps: 5}\n"
+        "regularizers: [{type: l2, lambda: 1.0}]\n")
+    (tmp_path / "child.yaml").write_text(
+        "extends: base.yaml\nname: child\ntraining: {max_steps: 7}\nregularizers: []\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.name == "child" and cfg.training.max_steps == 7 and cfg.training.lr == 1e-4
+    assert cfg.regularizers == []  # lists replace, they do not concatenate
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "loop.yaml")

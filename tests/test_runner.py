@@ -190,3 +190,22 @@ def test_killed_run_resumes_without_recomputing_finished_runs(tmp_path):
     assert s["status"] == "ok" and s["train"]["steps"] == 12
     # no half-written files anywhere in the tree
     assert not [p for p in root.rglob("*.tmp") if p.is_file()]
+
+
+def test_ewc_arms_share_one_fisher_estimate(tmp_path):
+    from forgetkit.config import read_yaml
+    from forgetkit.runner import plan_runs
+
+    fisher = {"type": "ewc", "fisher_data": {"path": str(GENERAL), "format": "text"},
+              "fisher_examples": 8}
+    arms = [{"name": "ewc", "grid": {"regularizers.0.lambda": [1.0, 10.0]},
+             "overrides": {"regularizers": [fisher]}},
+            {"name": "ewc_more", "overrides": {"regularizers": [
+                {**fisher, "fisher_examples": 16}]}}]
+    config = experiment(tmp_path, arms, [0, 1])
+    _, runs = plan_runs(read_yaml(config), str(config))
+    path = {(r.arm, r.seed): r.cfg.regularizers[0].fisher_path for r in runs}
+    assert path[("ewc@lambda=1.0", 0)] == path[("ewc@lambda=10.0", 0)]  # lambda-only sweep
+    assert path[("ewc@lambda=1.0", 0)] != path[("ewc@lambda=1.0", 1)]  # seed picks the data
+    assert path[("ewc@lambda=1.0", 0)] != path[("ewc_more", 0)]  # other Fisher settings
+    assert all("/_cache/fisher-" in p for p in path.values())
