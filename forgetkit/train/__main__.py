@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # validated before anything is written
     setup_logging()
+    from forgetkit import assets  # noqa: F401  (registers model and dataset aliases)
     from forgetkit.regularizers.build import build_regularizers
     from forgetkit.train.loop import train
 
