@@ -53,3 +53,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# paper, paper-fill, report, reproduce
+include mk/paper.mk

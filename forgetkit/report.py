@@ -1,0 +1,845 @@
+"""``python -m forgetkit.report results/<experiment> [--out DIR]``: figures and tables of an
+experiment, from its results tree only (never a model; no network).
+
+Reads ``summary.csv`` / ``summary_agg.csv`` / ``columns.json`` (rebuilt from the runs'
+``summary.json`` when absent), the runs' ``train_log.jsonl``, ``drift.json`` and
+``fisher_summary.json`` (see forgetkit.drift), and writes into ``--out`` (default
+``results/<experiment>/report/``), always under the same names::
+
+    pareto.{png,pdf}          task gain vs mean forgetting, one point per arm (95 % CI over seeds)
+    benchmarks.{png,pdf}      before/after per benchmark and arm
+    curves.{png,pdf}          training curves (mean over seeds, band = min..max over seeds)
+    sweep_<arm>_<key>.{png,pdf}  metric and forgetting against a grid value (grid arms only)
+    drift.{png,pdf}           relative weight drift per layer (runs with drift.json)
+    fisher.{png,pdf}          Fisher magnitude per layer (runs with fisher_summary.json)
+    table_main.{md,tex}       task gain / forgetting / retention, mean ± 95 % CI, best in bold
+    table_benchmarks.{md,tex} every metric after fine-tuning (and the base model's score)
+    table_deltas.{md,tex}     every metric's change after - before
+    index.md                  every table and figure with a one-line caption; failed runs
+
+The training curves (mean/min/max over seeds, at most ``CURVE_POINTS`` points per series) are
+also written to ``results/<experiment>/train_curves.json``: a small file that can be committed
+so that the curves can be redrawn without the (large) train logs, which the report then uses
+when no ``train_log.jsonl`` is present.
+
+Failed runs are listed in index.md and never plotted or aggregated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forgetkit.cli import guarded
+from forgetkit.config import ConfigError
+from forgetkit.results import read_json, write_json, write_text
+
+CURVE_POINTS = 200
+CURVES_FILE = "train_curves.json"
+
+# Summary measures of the main table: (column, header, higher_is_better).
+MAIN_COLUMNS = [
+    ("task_gain", "Task gain", True),
+    ("mean_forgetting", "Forgetting", False),
+    ("mean_rel_forgetting", "Rel. forgetting", False),
+    ("retention_ratio", "Retention", True),
+]
+NAIVE = "naive"
+_COUNT_COLS = {"n_seeds", "steps", "tokens", "target_tokens", "train_time_s"}
+
+
+# ----------------------------------------------------------------------------- loading
+
+@dataclass
+class Results:
+    """One experiment's tables, read from its results tree."""
+
+    name: str
+    root: Path
+    rows: list[dict[str, Any]]                 # summary.csv, every run (failed ones too)
+    agg: dict[str, dict[str, Any]]             # arm -> summary_agg.csv row, in display order
+    columns: dict[str, dict[str, Any]]         # columns.json
+    grid: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> {grid key: value}
+
+    @property
+    def arms(self) -> list[str]:
+        return list(self.agg)
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r.get("status") != "ok"]
+
+    def metrics(self, role: str | None = None) -> list[str]:
+        return [m for m, c in self.columns.items() if role is None or c.get("role") == role]
+
+
+def _num(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return math.nan
+    return v
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    return [{k: _num(v) for k, v in r.items()} for r in df.to_dict("records")]
+
+
+def arm_base(arm: str) -> str:
+    """``ewc@lam=10`` -> ``ewc``."""
+    return arm.split("@", 1)[0]
+
+
+def _as_float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def order_arms(arms: list[str], grid: dict[str, dict[str, Any]]) -> list[str]:
+    """naive first, then by base name, grid arms of one base by their (numeric) grid values."""
+    def key(a: str) -> tuple[Any, ...]:
+        vals = tuple((_as_float(v) if _as_float(v) is not None else math.inf, str(v))
+                     for v in grid.get(a, {}).values())
+        return (a != NAIVE, arm_base(a), vals, a)
+    return sorted(arms, key=key)
+
+
+def load_results(root: Path | str) -> Results:
+    """Read an experiment's tables; the CSVs are rebuilt from summary.json files if absent."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: no such results directory")
+    if (root / "summary.csv").exists():
+        rows = _records(root / "summary.csv")
+        agg_rows = (_records(root / "summary_agg.csv") if (root / "summary_agg.csv").exists()
+                    else [])
+        columns = read_json(root / "columns.json") if (root / "columns.json").exists() else {}
+    else:
+        from forgetkit.summary import aggregate, collect
+
+        rows, columns = collect(root)
+        if not rows:
+            raise ConfigError(f"{root}: no summary.csv and no <arm>/seed-*/summary.json")
+        agg_rows = aggregate(rows)
+    for r in rows:
+        r["status"] = str(r.get("status"))
+        r["arm"] = str(r["arm"])
+    grid: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        g = {k[5:]: v for k, v in r.items() if k.startswith("grid:") and not
+             (isinstance(v, float) and math.isnan(v))}
+        if g:
+            grid.setdefault(r["arm"], g)
+    for a in agg_rows:  # arms whose summary.csv rows lack the grid columns
+        g = {k[5:-5]: v for k, v in a.items() if k.startswith("grid:") and k.endswith("_mean")}
+        if g:
+            grid.setdefault(str(a["arm"]), g)
+    by_arm = {str(a["arm"]): a for a in agg_rows}
+    agg = {a: by_arm[a] for a in order_arms(list(by_arm), grid)}
+    return Results(root.name, root, rows, agg, columns, grid)
+
+
+# ----------------------------------------------------------------------------- units, format
+
+_FRACTION_METRICS = {"acc", "acc_norm", "exact_match", "em", "mc1", "mc2", "f1", "token_f1",
+                     "rouge_l", "rougeL", "bleu"}
+
+
+def metric_unit(meta: dict[str, Any]) -> str:
+    """A short unit for a metric from columns.json."""
+    m = str(meta.get("metric") or "")
+    if m == "nll":
+        return "nats/token"
+    if m in ("acc", "acc_norm") or m.startswith("acc"):
+        return "accuracy, 0-1"
+    if m in _FRACTION_METRICS:
+        return f"{m}, 0-1"
+    if m in ("ppl", "perplexity"):
+        return "perplexity"
+    return m or "score"
+
+
+def _common_unit(res: Results, metrics: list[str]) -> str:
+    units = {metric_unit(res.columns[m]) for m in metrics}
+    return units.pop() if len(units) == 1 else "mixed units"
+
+
+def precision(col: str) -> int:
+    """Decimals printed for a column (its mean and its CI)."""
+    base = re.sub(r"_(mean|ci95)$", "", col)
+    return 0 if base in _COUNT_COLS else 3
+
+
+def fmt(v: Any, decimals: int) -> str:
+    f = _as_float(v)
+    if f is None:
+        return "n/a"
+    s = f"{f:.{decimals}f}"
+    return "0" + s[2:] if s.startswith("-0") and float(s) == 0 else s  # no "-0.000"
+
+
+def _hib(res: Results, col: str) -> bool:
+    for c, _, h in MAIN_COLUMNS:
+        if col == c:
+            return h
+    for suf in ("_before", "_after", "_delta"):
+        if col.endswith(suf) and col[: -len(suf)] in res.columns:
+            return bool(res.columns[col[: -len(suf)]].get("higher_is_better", True))
+    return True
+
+
+# ----------------------------------------------------------------------------- tables
+
+@dataclass
+class Table:
+    name: str
+    caption: str
+    headers: list[str]                 # first one is the row-label header
+    rows: list[list[str]]              # plain cells (no bold markup)
+    bold: list[list[bool]]
+    columns: list[str]                 # summary_agg base column per data column
+
+
+def build_table(res: Results, name: str, cols: list[tuple[str, str, bool]], caption: str,
+                base_row: dict[str, Any] | None = None) -> Table:
+    """Mean ± CI per arm for ``cols`` = [(agg base column, header, higher_is_better)]; the best
+    arm per column (compared at the printed precision; ties all bold) in bold."""
+    headers = ["Arm"] + [f"{h} {'↑' if hib else '↓'}" for _, h, hib in cols]
+    rows, bold = [], []
+    best: list[float | None] = []
+    for c, _, hib in cols:
+        d = precision(c)
+        vals = [_as_float(a.get(f"{c}_mean")) for a in res.agg.values()]
+        vals_r = [round(v, d) for v in vals if v is not None]
+        best.append((max(vals_r) if hib else min(vals_r)) if vals_r else None)
+    if base_row is not None:
+        rows.append([base_row["label"]] + [base_row.get(c, "") for c, _, _ in cols])
+        bold.append([False] * (len(cols) + 1))
+    for arm, a in res.agg.items():
+        n = a.get("n_seeds")
+        cells, b = [f"{arm} (n={int(n)})" if _as_float(n) is not None else arm], [False]
+        for (c, _, _), bv in zip(cols, best, strict=True):
+            d = precision(c)
+            m, h = _as_float(a.get(f"{c}_mean")), _as_float(a.get(f"{c}_ci95"))
+            cells.append("n/a" if m is None else
+                         fmt(m, d) + (f" ± {fmt(h, d)}" if h is not None else ""))
+            b.append(m is not None and bv is not None and round(m, d) == bv)
+        rows.append(cells)
+        bold.append(b)
+    return Table(name, caption, headers, rows, bold, [c for c, _, _ in cols])
+
+
+def tables(res: Results) -> list[Table]:
+    gen = res.metrics("general")
+    gen_unit = _common_unit(res, gen) if gen else "n/a"
+    out = [build_table(res, "main", MAIN_COLUMNS,
+                       "Summary per arm: mean ± 95 % CI over seeds (t-distribution). Task gain = "
+                       f"improvement of {_first_task_unit(res)}; forgetting = "
+                       f"mean drop over the general benchmarks ({gen_unit}); relative "
+                       "forgetting = drop / before; retention = after / before.")]
+    metrics = res.metrics()
+    if metrics:
+        first = next(iter(res.agg.values()), {})
+        base = {"label": "base model (before)"}
+        for m in metrics:
+            v = _as_float(first.get(f"{m}_before_mean"))
+            h = _as_float(first.get(f"{m}_before_ci95"))
+            base[f"{m}_after"] = fmt(v, 3) + (f" ± {fmt(h, 3)}" if h is not None else "")
+        cols = [(f"{m}_after", f"{m} [{res.columns[m].get('role')}]",
+                 bool(res.columns[m].get("higher_is_better", True))) for m in metrics]
+        out.append(build_table(res, "benchmarks", cols,
+                               "Scores after fine-tuning, mean ± 95 % CI over seeds; first row: "
+                               "the base model. Units: " + _units_note(res), base_row=base))
+        cols = [(f"{m}_delta", f"Δ {m}", bool(res.columns[m].get("higher_is_better", True)))
+                for m in metrics]
+        out.append(build_table(res, "deltas", cols,
+                               "Change after - before per metric, mean ± 95 % CI over seeds "
+                               "(in each metric's unit: " + _units_note(res) + ")."))
+    return out
+
+
+def _units_note(res: Results) -> str:
+    return "; ".join(f"{m}: {metric_unit(c)}" for m, c in res.columns.items())
+
+
+def _first_task_unit(res: Results) -> str:
+    t = res.metrics("task")
+    return f"{t[0]} ({metric_unit(res.columns[t[0]])})" if t else "n/a"
+
+
+def to_markdown(t: Table) -> str:
+    lines = ["| " + " | ".join(t.headers) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(t.headers) - 1)) + "|"]
+    for cells, b in zip(t.rows, t.bold, strict=True):
+        lines.append("| " + " | ".join(f"**{c}**" if bb else c
+                                       for c, bb in zip(cells, b, strict=True)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _tex(s: str) -> str:
+    s = (s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%")
+         .replace("&", r"\&").replace("#", r"\#"))
+    return (s.replace("±", r"$\pm$").replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$")
+            .replace("Δ", r"$\Delta$"))
+
+
+def to_latex(t: Table) -> str:
+    spec = "l" + "r" * (len(t.headers) - 1)
+    out = [r"% generated by forgetkit.report -- do not edit", r"\begin{table}[t]", r"\centering",
+           r"\small", rf"\caption{{{_tex(t.caption)}}}", rf"\label{{tab:{t.name}}}",
+           rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+           " & ".join(_tex(h) for h in t.headers) + r" \\", r"\midrule"]
+    for i, (cells, b) in enumerate(zip(t.rows, t.bold, strict=True)):
+        out.append(" & ".join(rf"\textbf{{{_tex(c)}}}" if bb else _tex(c)
+                              for c, bb in zip(cells, b, strict=True)) + r" \\")
+        if i == 0 and t.rows[0][0].startswith("base model"):
+            out.append(r"\midrule")
+    out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+def write_tables(res: Results, out: Path) -> list[Table]:
+    ts = tables(res)
+    for t in ts:
+        write_text(out / f"table_{t.name}.md", f"*{t.caption}*\n\n" + to_markdown(t))
+        write_text(out / f"table_{t.name}.tex", to_latex(t))
+    return ts
+
+
+# ----------------------------------------------------------------------------- curves
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for ln in path.read_text().splitlines():
+        if ln.strip():
+            try:
+                out.append(json.loads(ln))
+            except json.JSONDecodeError:
+                continue  # a torn last line of a killed run
+    return out
+
+
+def _series_of(log: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    s: dict[str, dict[int, float]] = {}
+    for r in log:
+        step = r.get("step")
+        if step is None:
+            continue
+        if "loss" in r:
+            s.setdefault("task_loss", {})[int(step)] = float(r.get("loss/task", r["loss"]))
+        for k in ("lr", "loss/replay", "val_loss"):
+            if r.get(k) is not None:
+                s.setdefault(k, {})[int(step)] = float(r[k])
+        for k, v in r.items():
+            if k.startswith("reg/") and v is not None:
+                s.setdefault(k, {})[int(step)] = float(v)
+    return s
+
+
+def _downsample(n: int, k: int) -> list[int]:
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def curves_from_logs(res: Results, points: int = CURVE_POINTS) -> dict[str, Any] | None:
+    """Per arm and series: mean/min/max over the seeds at the steps every seed logged."""
+    arms: dict[str, Any] = {}
+    for arm in res.arms:
+        ok = [int(r["seed"]) for r in res.rows if r["arm"] == arm and r["status"] == "ok"]
+        logs = [res.root / arm / f"seed-{s}" / "train_log.jsonl" for s in ok]
+        logs = [p for p in logs if p.exists()]
+        if not logs:
+            continue
+        per_seed = [_series_of(_read_log(p)) for p in logs]
+        series = {}
+        for key in sorted(set().union(*per_seed)):
+            have = [s[key] for s in per_seed if key in s]
+            if len(have) != len(per_seed):
+                continue
+            steps = sorted(set.intersection(*(set(h) for h in have)))
+            idx = _downsample(len(steps), points)
+            steps = [steps[i] for i in idx]
+            vals = [[h[st] for h in have] for st in steps]
+            series[key] = {"step": steps, "mean": [sum(v) / len(v) for v in vals],
+                           "min": [min(v) for v in vals], "max": [max(v) for v in vals]}
+        if series:
+            arms[arm] = {"n_seeds": len(logs), "series": series}
+    if not arms:
+        return None
+    return {"format": 1, "statistic": "mean over seeds; band = min..max over seeds",
+            "arms": arms}
+
+
+def load_curves(res: Results, write: bool = True) -> dict[str, Any] | None:
+    """Curves from the train logs (then also saved as train_curves.json) or, without logs, from a
+    committed train_curves.json."""
+    c = curves_from_logs(res)
+    if c is not None:
+        if write:
+            write_json(res.root / CURVES_FILE, c)
+        return c
+    p = res.root / CURVES_FILE
+    return read_json(p) if p.exists() else None
+
+
+# ----------------------------------------------------------------------------- figures
+
+@dataclass
+class Figure:
+    stem: str
+    caption: str
+
+
+@dataclass
+class Report:
+    figures: list[Figure] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
+                         "legend.fontsize": 8, "figure.dpi": 100, "axes.grid": True,
+                         "grid.alpha": 0.3, "svg.hashsalt": "forgetkit"})
+    return plt
+
+
+def _save(fig: Any, out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / f"{stem}.png", dpi=150, bbox_inches="tight")
+    fig.savefig(out / f"{stem}.pdf", bbox_inches="tight", metadata={"CreationDate": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def arm_colors(arms: list[str]) -> dict[str, Any]:
+    """naive red; grid arms of one base share a hue (lighter to darker along the grid)."""
+    import matplotlib as mpl
+
+    bases = []
+    for a in arms:
+        if a != NAIVE and arm_base(a) not in bases:
+            bases.append(arm_base(a))
+    palette = [c for i, c in enumerate(mpl.colormaps["tab10"].colors) if i != 3]  # 3 = red
+    cmaps = ["Blues", "Greens", "Purples", "Oranges", "Greys", "YlOrBr"]
+    out: dict[str, Any] = {}
+    for bi, b in enumerate(bases):
+        members = [a for a in arms if arm_base(a) == b and a != NAIVE]
+        if len(members) == 1:
+            out[members[0]] = palette[bi % len(palette)]
+        else:
+            cm = mpl.colormaps[cmaps[bi % len(cmaps)]]
+            for j, a in enumerate(members):
+                out[a] = cm(0.45 + 0.5 * j / max(len(members) - 1, 1))
+    out[NAIVE] = "#d62728"
+    return out
+
+
+def _nan(v: Any) -> float:
+    f = _as_float(v)
+    return f if f is not None else math.nan
+
+
+def _ci(v: Any) -> float:
+    f = _as_float(v)
+    return f if f is not None else 0.0
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the non-dominated points (more gain and less forgetting is better), by gain."""
+    front = []
+    for n, g, f in points:
+        dominated = any(g2 >= g and f2 <= f and (g2 > g or f2 < f) for _, g2, f2 in points)
+        if not dominated:
+            front.append((g, n))
+    return [n for _, n in sorted(front)]
+
+
+def fig_pareto(res: Results, out: Path, colors: dict[str, Any]) -> Figure | str:
+    plt = _plt()
+    pts = []
+    for arm, a in res.agg.items():
+        g, f = _as_float(a.get("task_gain_mean")), _as_float(a.get("mean_forgetting_mean"))
+        if g is not None and f is not None:
+            pts.append((arm, g, f))
+    if not pts:
+        return "pareto: no arm has both a task gain and a forgetting value"
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.axhline(0, color="0.5", lw=0.8, zorder=0)
+    ax.axvline(0, color="0.5", lw=0.8, zorder=0)
+    front = pareto_front(pts)
+    fx = [g for n in front for a, g, _ in pts if a == n]
+    fy = [f for n in front for a, _, f in pts if a == n]
+    ax.plot(fx, fy, "--", color="0.35", lw=1.2, zorder=1, label="Pareto frontier")
+    for arm, g, f in pts:
+        a = res.agg[arm]
+        naive = arm == NAIVE
+        ax.errorbar(g, f, xerr=_ci(a.get("task_gain_ci95")),
+                    yerr=_ci(a.get("mean_forgetting_ci95")),
+                    fmt="*" if naive else "o", ms=14 if naive else 7, color=colors[arm],
+                    ecolor=colors[arm], elinewidth=1, capsize=3, zorder=3,
+                    mec="black" if naive else colors[arm], label=arm + (" (no regularizer)"
+                                                                        if naive else ""))
+        ax.annotate(arm, (g, f), xytext=(6, 6), textcoords="offset points", fontsize=8,
+                    fontweight="bold" if naive else "normal")
+    gen = res.metrics("general")
+    ax.set_xlabel(f"task gain: Δ {_first_task_unit(res)}  (→ better)")
+    ax.set_ylabel(f"mean forgetting over {len(gen)} general benchmarks\n"
+                  f"(drop, {_common_unit(res, gen) if gen else 'n/a'})  (↓ better)")
+    ax.set_title(f"{res.name}: learning vs forgetting (mean ± 95 % CI over seeds)")
+    ax.legend(loc="best", framealpha=0.9)
+    _save(fig, out, "pareto")
+    return Figure("pareto", "Task gain vs mean forgetting per arm (mean ± 95 % CI over seeds); "
+                            "dashed: Pareto frontier (lower right is better); star: naive "
+                            "fine-tuning.")
+
+
+def fig_benchmarks(res: Results, out: Path, colors: dict[str, Any]) -> Figure | str:
+    metrics = res.metrics()
+    if not metrics or not res.agg:
+        return "benchmarks: no metrics in columns.json"
+    plt = _plt()
+    ncol = min(3, len(metrics))
+    nrow = math.ceil(len(metrics) / ncol)
+    arms = res.arms
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(4.2, 0.55 * len(arms) + 1.5) * ncol,
+                                                   3.6 * nrow), squeeze=False)
+    x = list(range(len(arms)))
+    w = 0.4
+    for i, m in enumerate(metrics):
+        ax = axes[i // ncol][i % ncol]
+        meta = res.columns[m]
+        bm = [_nan(res.agg[a].get(f"{m}_before_mean")) for a in arms]
+        bc = [_ci(res.agg[a].get(f"{m}_before_ci95")) for a in arms]
+        am = [_nan(res.agg[a].get(f"{m}_after_mean")) for a in arms]
+        ac = [_ci(res.agg[a].get(f"{m}_after_ci95")) for a in arms]
+        ax.bar([xi - w / 2 for xi in x], bm, w, yerr=bc, color="0.82", edgecolor="0.5",
+               capsize=2, label="before")
+        ax.bar([xi + w / 2 for xi in x], am, w, yerr=ac, color=[colors[a] for a in arms],
+               edgecolor="black", lw=0.5, capsize=2, label="after")
+        vals = [v for v in bm + am if not math.isnan(v)]
+        if vals:
+            lo = min(v - c for v, c in zip(bm + am, bc + ac, strict=True) if not math.isnan(v))
+            hi = max(v + c for v, c in zip(bm + am, bc + ac, strict=True) if not math.isnan(v))
+            pad = 0.15 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1e-3)
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xticks(x)
+        ax.set_xticklabels(arms, rotation=35, ha="right", fontsize=8)
+        arrow = "↑" if meta.get("higher_is_better", True) else "↓"
+        ax.set_title(f"{m} [{meta.get('role')}] {arrow}")
+        ax.set_ylabel(metric_unit(meta))
+        if i == 0:
+            ax.legend(loc="best")
+    for j in range(len(metrics), nrow * ncol):
+        axes[j // ncol][j % ncol].set_visible(False)
+    fig.suptitle(f"{res.name}: scores before (grey) and after fine-tuning, mean ± 95 % CI "
+                 "(y-axes do not start at 0)")
+    fig.tight_layout()
+    _save(fig, out, "benchmarks")
+    return Figure("benchmarks", "Per-benchmark score before (grey) and after fine-tuning per arm, "
+                                "mean ± 95 % CI over seeds; arrows give the better direction; "
+                                "y-axes zoomed (not from 0).")
+
+
+_CURVE_LABELS = {"task_loss": ("task loss", "nats/token"),
+                 "val_loss": ("validation loss", "nats/token"),
+                 "loss/replay": ("replay loss", "nats/token"),
+                 "lr": ("learning rate", "learning rate (per step)")}
+
+
+def _curve_keys(curves: dict[str, Any]) -> list[str]:
+    keys = set()
+    for a in curves["arms"].values():
+        keys |= set(a["series"])
+    order = ["task_loss", "val_loss"] + sorted(k for k in keys if k.startswith("reg/")) + \
+        ["loss/replay", "lr"]
+    return [k for k in order if k in keys]
+
+
+def fig_curves(res: Results, out: Path, colors: dict[str, Any],
+               curves: dict[str, Any] | None) -> Figure | str:
+    if not curves or not curves.get("arms"):
+        return "curves: no train_log.jsonl and no train_curves.json"
+    plt = _plt()
+    keys = _curve_keys(curves)
+    ncol = min(3, len(keys))
+    nrow = math.ceil(len(keys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5 * ncol, 3.5 * nrow), squeeze=False)
+    arms = [a for a in res.arms if a in curves["arms"]] + \
+        [a for a in curves["arms"] if a not in res.agg]
+    for i, k in enumerate(keys):
+        ax = axes[i // ncol][i % ncol]
+        for a in arms:
+            s = curves["arms"][a]["series"].get(k)
+            if not s:
+                continue
+            c = colors.get(a, "0.3")
+            ax.plot(s["step"], s["mean"], color=c, lw=1.3, label=a,
+                    marker="o" if k == "val_loss" else None, ms=3)
+            if "min" in s and curves["arms"][a].get("n_seeds", 1) > 1:
+                ax.fill_between(s["step"], s["min"], s["max"], color=c, alpha=0.15, lw=0)
+        if k.startswith("reg/"):
+            title, unit = f"{k[4:]} penalty (λ-weighted, added to loss)", "nats/token"
+        else:
+            title, unit = _CURVE_LABELS[k]
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(unit)
+        if k == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        elif k.startswith("reg/") and all(
+                v > 0 for a in arms for v in curves["arms"][a]["series"].get(k, {}).get("mean",
+                                                                                       [])):
+            ax.set_yscale("log")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for j in range(len(keys), nrow * ncol):
+        axes[j // ncol][j % ncol].set_visible(False)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6),
+               bbox_to_anchor=(0.5, -0.02 - 0.03 * math.ceil(len(labels) / 6)))
+    n = sorted({v.get("n_seeds", 1) for v in curves["arms"].values()})
+    fig.suptitle(f"{res.name}: training curves, mean over seeds (n={'/'.join(map(str, n))}; "
+                 "band: min..max over seeds)")
+    fig.tight_layout()
+    _save(fig, out, "curves")
+    return Figure("curves", "Training curves per arm: task loss, validation loss, each "
+                            "regularizer's λ-weighted penalty, replay loss and learning rate "
+                            "against the optimizer step; lines are the mean over seeds, bands "
+                            "the min..max over seeds.")
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_")
+
+
+def fig_sweeps(res: Results, out: Path, colors: dict[str, Any]) -> list[Figure | str]:
+    sweeps: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    for arm in res.arms:
+        for k, v in res.grid.get(arm, {}).items():
+            f = _as_float(v)
+            if f is not None:
+                sweeps.setdefault((arm_base(arm), k), []).append((f, arm))
+    sweeps = {k: sorted(v) for k, v in sweeps.items() if len({x for x, _ in v}) > 1}
+    if not sweeps:
+        return ["sweeps: no grid arm with two or more numeric grid values"]
+    plt = _plt()
+    figs: list[Figure | str] = []
+    task = res.metrics("task")
+    gen = res.metrics("general")
+    panels = [("task_gain", f"task gain (Δ {_first_task_unit(res)}) ↑"),
+              ("mean_forgetting", f"mean forgetting ({_common_unit(res, gen) if gen else 'n/a'})"
+                                  " ↓")]
+    for (base, key), pts in sweeps.items():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        xs = [x for x, _ in pts]
+        logx = min(xs) > 0 and max(xs) / min(xs) >= 10
+        for ax, (col, label) in zip(axes, panels, strict=True):
+            ys = [_as_float(res.agg[a].get(f"{col}_mean")) for _, a in pts]
+            es = [_ci(res.agg[a].get(f"{col}_ci95")) for _, a in pts]
+            ax.errorbar(xs, [y if y is not None else math.nan for y in ys], yerr=es, fmt="o-",
+                        color=colors[pts[-1][1]], capsize=3, label=f"{base} (mean ± 95 % CI)")
+            if NAIVE in res.agg:
+                nm = _as_float(res.agg[NAIVE].get(f"{col}_mean"))
+                nc = _ci(res.agg[NAIVE].get(f"{col}_ci95"))
+                if nm is not None:
+                    ax.axhline(nm, color=colors[NAIVE], ls="--", lw=1, label="naive (λ = 0)")
+                    ax.axhspan(nm - nc, nm + nc, color=colors[NAIVE], alpha=0.1, lw=0)
+            if logx:
+                ax.set_xscale("log")
+            ax.set_xlabel(f"{key} ({'log scale' if logx else 'linear'})")
+            ax.set_ylabel(label)
+            ax.legend(loc="best")
+        fig.suptitle(f"{res.name}: {base} sweep over {key}"
+                     + (f" (task metric: {task[0]})" if task else ""))
+        fig.tight_layout()
+        stem = f"sweep_{_slug(base)}_{_slug(key.split('.')[-1])}"
+        _save(fig, out, stem)
+        figs.append(Figure(stem, f"{base}: task gain and mean forgetting against {key} "
+                                 "(mean ± 95 % CI over seeds); dashed: naive fine-tuning."))
+    return figs
+
+
+def _per_layer(res: Results, fname: str) -> dict[str, list[dict[str, Any]]]:
+    """arm -> list of per-run {layer: entry} read from <arm>/seed-*/<fname> of ok runs."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in res.rows:
+        if r["status"] != "ok":
+            continue
+        p = res.root / r["arm"] / f"seed-{int(r['seed'])}" / fname
+        if p.exists():
+            d = read_json(p)
+            out.setdefault(r["arm"], []).append(d.get("layers", d))
+    return out
+
+
+def _layer_means(runs: list[dict[str, Any]], key: str) -> dict[str, float]:
+    vals: dict[str, list[float]] = {}
+    for run in runs:
+        for layer, e in run.items():
+            v = _as_float((e or {}).get(key))
+            if v is not None:
+                vals.setdefault(layer, []).append(v)
+    return {k: sum(v) / len(v) for k, v in vals.items()}
+
+
+def _layer_ticks(layers: list[str]) -> list[str]:
+    short = {"embeddings": "emb", "lm_head": "head"}
+    return [short.get(g, g[7:] if g.startswith("layers.") else g) for g in layers]
+
+
+def fig_drift(res: Results, out: Path, colors: dict[str, Any]) -> Figure | str:
+    from forgetkit.drift import layer_order
+
+    data = _per_layer(res, "drift.json")
+    if not data:
+        return "drift: no drift.json in any run"
+    plt = _plt()
+    arms = [a for a in res.arms if a in data]
+    means = {a: _layer_means(data[a], "rel_drift") for a in arms}
+    layers = layer_order([g for m in means.values() for g in m])
+    fig, ax = plt.subplots(figsize=(max(7, 0.28 * len(layers) + 3), 4.2))
+    x = list(range(len(layers)))
+    for a in arms:
+        ax.plot(x, [means[a].get(g, math.nan) for g in layers], "o-", ms=3.5, lw=1.2,
+                color=colors[a], label=f"{a} (n={len(data[a])})",
+                zorder=3 if a == NAIVE else 2)
+    if all(v > 0 for m in means.values() for v in m.values()):
+        ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels(_layer_ticks(layers), fontsize=7, rotation=90 if len(layers) > 20 else 0)
+    ax.set_xlabel("parameter group (emb = embeddings, numbers = decoder layers, head = lm_head)")
+    ax.set_ylabel("relative drift ‖θ−θ₀‖ / ‖θ₀‖")
+    ax.set_title(f"{res.name}: weight drift per layer (mean over seeds)")
+    ax.legend(loc="best", ncol=2)
+    fig.tight_layout()
+    _save(fig, out, "drift")
+    return Figure("drift", "Relative weight drift ‖θ−θ₀‖/‖θ₀‖ per parameter group after "
+                           "fine-tuning, mean over seeds (n per arm in the legend).")
+
+
+def fig_fisher(res: Results, out: Path, colors: dict[str, Any]) -> Figure | str:
+    from forgetkit.drift import layer_order
+
+    data = _per_layer(res, "fisher_summary.json")
+    if not data:
+        return "fisher: no fisher_summary.json in any run (no EWC arm, or not recorded)"
+    plt = _plt()
+    bases: dict[str, list[dict[str, Any]]] = {}
+    for a in res.arms:
+        if a in data:
+            bases.setdefault(arm_base(a), []).extend(data[a])
+    layers = layer_order([g for runs in bases.values() for r in runs for g in r])
+    fig, ax = plt.subplots(figsize=(max(7, 0.28 * len(layers) + 3), 4.2))
+    x = list(range(len(layers)))
+    for b, runs in bases.items():
+        c = colors.get(b) or colors[[a for a in res.arms if arm_base(a) == b and a in data][-1]]
+        mean, mx = _layer_means(runs, "mean"), _layer_means(runs, "max")
+        ax.plot(x, [mean.get(g, math.nan) for g in layers], "o-", ms=3.5, color=c,
+                label=f"{b}: mean F per weight ({len(runs)} runs)")
+        ax.plot(x, [mx.get(g, math.nan) for g in layers], "^:", ms=3.5, color=c,
+                label=f"{b}: max F per weight")
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels(_layer_ticks(layers), fontsize=7, rotation=90 if len(layers) > 20 else 0)
+    ax.set_xlabel("parameter group (emb = embeddings, numbers = decoder layers, head = lm_head)")
+    ax.set_ylabel("diagonal Fisher (log scale)")
+    ax.set_title(f"{res.name}: Fisher magnitude per layer (averaged over runs)")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    _save(fig, out, "fisher")
+    return Figure("fisher", "Diagonal Fisher information per parameter group used by EWC: mean "
+                            "(solid) and max (dotted) per weight, averaged over the runs.")
+
+
+def make_figures(res: Results, out: Path, curves: dict[str, Any] | None) -> Report:
+    rep = Report()
+    if not res.agg:
+        rep.skipped.append("all figures: no successful run")
+        return rep
+    colors = arm_colors(res.arms + [a for a in (curves or {}).get("arms", {})
+                                    if a not in res.agg])
+    items: list[Figure | str] = [fig_pareto(res, out, colors), fig_benchmarks(res, out, colors),
+                                 fig_curves(res, out, colors, curves)]
+    items += fig_sweeps(res, out, colors)
+    items += [fig_drift(res, out, colors), fig_fisher(res, out, colors)]
+    for it in items:
+        if isinstance(it, Figure):
+            rep.figures.append(it)
+        else:
+            rep.skipped.append(it)
+    return rep
+
+
+# ----------------------------------------------------------------------------- index
+
+def failed_lines(res: Results) -> list[str]:
+    return [f"- {r['arm']} seed {int(r['seed'])}: {str(r.get('error') or 'failed').splitlines()[0]}"
+            for r in res.failed]
+
+
+def write_index(res: Results, out: Path, rep: Report) -> None:
+    n_ok = sum(r["status"] == "ok" for r in res.rows)
+    lines = [f"# Report: {res.name}", "",
+             f"{n_ok} successful runs, {len(res.failed)} failed, {len(res.agg)} arms. "
+             "Mean ± 95 % CI over seeds (t-distribution); best value per column in bold; "
+             "↑/↓: the better direction. Generated by `python -m forgetkit.report`.", ""]
+    if res.failed:
+        lines += ["## Failed runs (not plotted, not aggregated)", ""] + failed_lines(res) + [""]
+    lines += ["## Tables", ""]
+    for t in rep.tables:
+        lines += [f"### {t.name} ([md](table_{t.name}.md), [LaTeX](table_{t.name}.tex))", "",
+                  f"*{t.caption}*", "", to_markdown(t)]
+    lines += ["## Figures", ""]
+    for f in rep.figures:
+        lines += [f"### {f.stem}", "", f"![{f.stem}]({f.stem}.png)", "",
+                  f"*{f.caption}* ([PDF]({f.stem}.pdf))", ""]
+    if rep.skipped:
+        lines += ["## Not drawn", ""] + [f"- {s}" for s in rep.skipped] + [""]
+    write_text(out / "index.md", "\n".join(lines))
+
+
+def build_report(root: Path | str, out: Path | str | None = None) -> Report:
+    """Everything: tables, figures and index.md of one experiment into ``out``."""
+    res = load_results(root)
+    out = Path(out) if out is not None else res.root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rep = make_figures(res, out, load_curves(res))
+    rep.tables = write_tables(res, out)
+    write_index(res, out, rep)
+    return rep
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m forgetkit.report",
+                                 description="Figures and tables of an experiment's results.")
+    ap.add_argument("results", help="results/<experiment>")
+    ap.add_argument("--out", help="output directory (default: <results>/report)")
+    args = ap.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.results) / "report"
+    rep = build_report(args.results, out)
+    for s in rep.skipped:
+        print(f"skipped: {s}", file=sys.stderr)
+    print(f"report: {out}/index.md ({len(rep.figures)} figures, {len(rep.tables)} tables)",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

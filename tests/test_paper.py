@@ -1,0 +1,165 @@
+"""forgetkit.paper: numbers in the text checked against the regenerated tables, table blocks,
+links, --fill, --compare, and the shipped template against a synthetic results tree."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from test_report import T2, make_tree
+
+from forgetkit.paper import (
+    check_text,
+    compare,
+    fill_lines,
+    generate,
+    load_all,
+    main,
+    update_tables,
+)
+from forgetkit.summary import write_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_GAIN = T2 * 0.01 / 3 ** 0.5  # naive task gain 0.10, 0.11, 0.12
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("res")
+    make_tree(root / "ewc_medical")
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(results_dir: Path) -> dict:
+    return load_all(results_dir, ["ewc_medical"])
+
+
+GOOD = f"""# Results
+Naive gained <!-- fk: ewc_medical/naive/task_gain_mean -->0.110 ± {CI_GAIN:.3f} and forgot
+<!-- fk: ewc_medical/naive/mean_forgetting_mean -->0.07 points, i.e.
+<!-- fk: ewc_medical/naive/mean_forgetting_mean x100 -->7.0 %; EWC at λ = 1000 forgot
+<!-- fk: ewc_medical/ewc@lambda=1000.0/mean_forgetting_mean -->0.005 over
+<!-- fk: ewc_medical/ewc@lambda=1000.0/n_seeds -->3 seeds
+(l2: <!-- fk: ewc_medical/l2/n_seeds -->2).
+Delta: <!-- fk: ewc_medical/naive/med_nll_delta_mean -->−0.50 nats.
+
+![pareto](tables/ewc_medical/table_main.md)
+
+```
+<!-- fk: ewc_medical/naive/task_gain_mean -->9.99 (in a code block: ignored)
+```
+
+<!-- fk-table: ewc_medical/main -->
+<!-- /fk-table -->
+"""
+
+
+def _paper(tmp_path: Path, results: dict, text: str) -> Path:
+    generate(results, tmp_path, figures=False)
+    (tmp_path / "paper.md").write_text(update_tables(text, results))
+    return tmp_path
+
+
+def test_consistent_text_passes(results: dict, tmp_path: Path) -> None:
+    p = _paper(tmp_path, results, GOOD)
+    text = (p / "paper.md").read_text()
+    assert "| **naive (n=3)** |" not in text and "| naive (n=3) | **0.110" in text
+    assert check_text(text, results, p) == []
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ("-->0.110 ± ", "-->0.111 ± "),                       # mean off by one digit
+    ("-->0.07 points", "-->0.08 points"),                 # 2 decimals: 0.07 ok, 0.08 not
+    ("x100 -->7.0 %", "x100 -->7.5 %"),                   # percent
+    (f"± {CI_GAIN:.3f}", "± 0.010"),                      # the CI
+    ("/n_seeds -->3 seeds", "/n_seeds -->2 seeds"),
+    ("-->−0.50 nats", "-->0.50 nats"),                    # sign (unicode minus accepted)
+])
+def test_wrong_number_fails(results: dict, tmp_path: Path, bad: str, needle: str) -> None:
+    assert bad in GOOD
+    p = _paper(tmp_path, results, GOOD.replace(bad, needle, 1))
+    problems = check_text((p / "paper.md").read_text(), results, p)
+    assert len(problems) == 1, problems
+    assert "ewc_medical/" in str(problems[0]) and "paper.md:" in str(problems[0])
+
+
+def test_other_problems_reported(results: dict, tmp_path: Path) -> None:
+    text = ("<!-- fk: ewc_medical/nave/task_gain_mean -->0.1\n"
+            "<!-- fk: ewc_medical/naive/no_such_col -->0.1\n"
+            "<!-- fk: other/naive/task_gain_mean -->0.1\n"
+            "<!-- fk: ewc_medical/naive/task_gain_mean --> about a tenth\n"
+            "![x](figures/ewc_medical/missing.png)\n"
+            "<!-- fk-table: ewc_medical/main -->\n| stale |\n<!-- /fk-table -->\n")
+    problems = [str(p) for p in check_text(text, results, tmp_path)]
+    assert len(problems) == 6, problems
+    assert "unknown arm 'nave'" in problems[0] and "paper.md:1:" in problems[0]
+    assert "no column 'no_such_col'" in problems[1]
+    assert "unknown experiment 'other'" in problems[2]
+    assert "no number" in problems[3]
+    assert "differs from the regenerated table" in problems[4]
+    assert "missing.png: file does not exist" in problems[5]
+
+
+def test_cli_check_and_exit_status(results_dir: Path, results: dict, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    p = _paper(tmp_path / "paper", results, GOOD)
+    args = ["--results", str(results_dir), "--paper", str(p), "--no-figures",
+            "--experiments", "ewc_medical"]
+    assert main(args) == 0
+    assert "paper check passed" in capsys.readouterr().err
+    (p / "paper.md").write_text((p / "paper.md").read_text().replace("-->0.07 points",
+                                                                      "-->0.09 points"))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "MISMATCH paper.md:3: ewc_medical/naive/mean_forgetting_mean: text says 0.09" in err
+    assert "FAILED: 1 problem" in err
+    assert main(["--results", str(tmp_path / "nope"), "--paper", str(p)]) == 2
+
+
+def test_fill(results: dict) -> None:
+    lines = fill_lines(results)
+    want = (f"ewc_medical/naive/task_gain: <!-- fk: ewc_medical/naive/task_gain_mean -->0.110 ± "
+            f"{CI_GAIN:.3f}")
+    assert want in lines
+    assert "ewc_medical/l2/n_seeds: <!-- fk: ewc_medical/l2/n_seeds -->2" in lines
+    # every filled line passes the check
+    assert check_text("\n".join(ln.split(": ", 1)[1] for ln in lines), results) == []
+
+
+def test_compare(results_dir: Path, results: dict, tmp_path: Path) -> None:
+    new = tmp_path / "new"
+    shutil.copytree(results_dir / "ewc_medical", new / "ewc_medical")
+    assert compare(new, results) == []
+    s = new / "ewc_medical" / "naive" / "seed-0" / "summary.json"
+    d = json.loads(s.read_text())
+    d["after"]["task"]["medqa"]["value"] = 0.60  # naive task gain 0.30 instead of 0.10
+    s.write_text(json.dumps(d))
+    write_tables(new / "ewc_medical")
+    moved = compare(new, results)
+    assert any(m.startswith("ewc_medical/naive/task_gain:") for m in moved), moved
+    assert all("/naive/" in m for m in moved), moved
+    shutil.rmtree(new / "ewc_medical" / "replay")
+    write_tables(new / "ewc_medical")
+    assert "ewc_medical/replay: arm missing from the new results" in compare(new, results)
+    assert main(["--results", str(results_dir), "--experiments", "ewc_medical",
+                 "--compare", str(new)]) == 1
+
+
+def test_shipped_template_checks_against_synthetic_results(results_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """paper/paper.md: its figure links match the generated names and its table blocks fill."""
+    p = tmp_path / "paper"
+    p.mkdir()
+    shutil.copy(ROOT / "paper" / "paper.md", p / "paper.md")
+    shutil.copytree(results_dir / "ewc_medical", tmp_path / "res" / "ewc_medical")
+    shutil.copytree(results_dir / "ewc_medical", tmp_path / "res" / "ewc_medical_sweep")
+    assert main(["--results", str(tmp_path / "res"), "--paper", str(p), "--update"]) == 0
+    text = (p / "paper.md").read_text()
+    assert "| naive (n=3) |" in text
+    assert (p / "figures" / "ewc_medical_sweep" / "sweep_ewc_lambda.png").exists()
+    for f in ("pareto", "benchmarks", "curves", "sweep_ewc_lambda", "drift", "fisher"):
+        assert (p / "figures" / "ewc_medical" / f"{f}.pdf").exists()
+    assert (p / "tables" / "ewc_medical" / "table_main.tex").exists()
