@@ -265,6 +265,37 @@ def wise_scores(run: RunSpec, base: str, alphas: list[float]) -> dict[str, Any]:
     return out
 
 
+def _weights(model_dir: str | Path) -> dict[str, Any] | None:
+    """Every tensor of a local safetensors checkpoint (all shards); None for a hub id."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    out: dict[str, Any] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def layer_summaries(run: RunSpec, base: str) -> None:
+    """Small per-layer files for the report: ``drift.json`` (relative drift ||θ−θ0||/||θ0|| of
+    each layer) and, for EWC runs, ``fisher_summary.json`` (Fisher magnitude per layer)."""
+    from forgetkit.drift import drift_record, fisher_record
+
+    theta0, theta = _weights(base), _weights(run.dir / "model")
+    if theta0 is not None and theta is not None:
+        write_json(run.dir / "drift.json", drift_record(theta0, theta))
+    del theta0, theta
+    for rc in run.cfg.regularizers:
+        if rc.type == "ewc" and rc.fisher_path and Path(rc.fisher_path).exists():
+            from forgetkit.regularizers.fisher import load_fisher
+
+            write_json(run.dir / "fisher_summary.json",
+                       fisher_record(load_fisher(rc.fisher_path)[0]))
+            break
+
+
 def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
     run.dir.mkdir(parents=True, exist_ok=True)
     write_text(run.dir / "config.yaml", dump_config(run.cfg))
@@ -274,12 +305,13 @@ def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
     log.info("before-evaluation %s", "reused from the cache" if hit else "computed")
     write_json(run.dir / "eval_before.json", before)
     train = train_stage(run, launcher)
+    base = before.get("model") or base_checkpoint(run.cfg, root)
+    layer_summaries(run, base)
     t1 = time.perf_counter()
     after = evaluate(run.dir / "model", run.cfg)
     after["seconds"] = time.perf_counter() - t1
     if run.cfg.evaluation.wise_alphas:
-        after["wise"] = wise_scores(run, before.get("model") or base_checkpoint(run.cfg, root),
-                                    run.cfg.evaluation.wise_alphas)
+        after["wise"] = wise_scores(run, base, run.cfg.evaluation.wise_alphas)
     write_json(run.dir / "eval_after.json", after)
     sources = {"train": run.cfg.data.train.path or run.cfg.data.train.name,
                "replay": [r.data.path or r.data.name for r in run.cfg.regularizers
@@ -374,7 +406,8 @@ def _mean_tokens(spec: Any, tok: Any, fmt_max: int, seed: int, limit: int | None
     return (sum(lens) / len(lens) if lens else 0.0), len(recs)
 
 
-def estimate_seconds(base: Config, runs: list[RunSpec]) -> dict[str, float] | None:
+def estimate_seconds(base: Config, runs: list[RunSpec], steps: list[int] | None = None
+                     ) -> dict[str, float] | None:
     """Rough wall-clock estimate of the plan: training (6N/token), Fisher (6N/token) and
     evaluation (2N/token) at an effective FLOP rate (see CPU_FLOPS). None if unknown."""
     import torch
@@ -401,16 +434,21 @@ def estimate_seconds(base: Config, runs: list[RunSpec]) -> dict[str, float] | No
         return None
     train = fisher = 0.0
     fisher_keys = set()
-    for r in runs:
+    for i, r in enumerate(runs):
         t = r.cfg.training
-        steps = t.max_steps or 0
-        train += steps * t.micro_batch_size * t.gradient_accumulation_steps * train_len
+        n_steps = steps[i] if steps else (t.max_steps or 0)
+        train += n_steps * t.micro_batch_size * t.gradient_accumulation_steps * train_len
         for rc in r.cfg.regularizers:
             if rc.type == "ewc" and rc.fisher_data is not None and rc.fisher_path not in fisher_keys:
                 fisher_keys.add(rc.fisher_path)
-                fl, _ = _mean_tokens(rc.fisher_data, tok, d.max_length, r.seed, rc.fisher_examples)
+                try:
+                    fl, _ = _mean_tokens(rc.fisher_data, tok, d.max_length, r.seed,
+                                         rc.fisher_examples)
+                except Exception:  # unreadable data fails in its own run, not in the plan
+                    continue
                 fisher += rc.fisher_examples * fl
-    n_evals = len({eval_cache_key(r.cfg) for r in runs}) + len(runs)
+    n_evals = len({eval_cache_key(r.cfg) for r in runs}) + len(runs) * (
+        1 + len(base.evaluation.wise_alphas))
     return {"train_s": 6 * n * train / rate, "fisher_s": 6 * n * fisher / rate,
             "eval_s": 2 * n * eval_tokens * n_evals / rate, "params": n, "flops": rate}
 
@@ -425,9 +463,11 @@ def describe_plan(base: Config, runs: list[RunSpec]) -> str:
     for spec in list(base.evaluation.task) + list(base.evaluation.general):
         n_eval_items += spec.limit or 0
     keys = {eval_cache_key(r.cfg) for r in runs}
+    n_steps: list[int] = []
     for r in runs:
         t = r.cfg.training
         gb = t.micro_batch_size * t.gradient_accumulation_steps
+        n_steps.append(t.max_steps or 0)
         if t.max_steps:
             steps = str(t.max_steps)
         else:
@@ -435,7 +475,8 @@ def describe_plan(base: Config, runs: list[RunSpec]) -> str:
                 n = len(select(load_records(r.cfg.data.train), r.cfg.data.train, r.seed))
                 n_train = n - (round(r.cfg.data.validation_fraction * n)
                                if r.cfg.data.validation is None else 0)
-                steps = f"~{t.epochs * (n_train // gb)}"
+                n_steps[-1] = t.epochs * (n_train // gb)
+                steps = f"~{n_steps[-1]}"
             except (ConfigError, OSError) as e:
                 steps = f"? ({e})"
         regs = ", ".join(x.type for x in r.cfg.regularizers) or "none"
@@ -448,7 +489,7 @@ def describe_plan(base: Config, runs: list[RunSpec]) -> str:
                  + (f", +{len(base.evaluation.wise_alphas)} WiSE-FT points per run"
                     if base.evaluation.wise_alphas else "")
                  + (f"; items with an explicit limit: {n_eval_items}" if n_eval_items else ""))
-    est = estimate_seconds(base, runs)
+    est = estimate_seconds(base, runs, n_steps)
     if est is not None:
         total = est["train_s"] + est["fisher_s"] + est["eval_s"]
         lines.append(f"estimated time (rough, {est['params'] / 1e6:.0f}M parameters at "

@@ -90,6 +90,8 @@ def test_results_tree_and_summary_contract(finished):
             for f in RUN_FILES:
                 assert (d / f).is_file(), d / f
             assert not (d / "model").exists()  # checkpoints deleted (keep_checkpoints: false)
+            drift = json.loads((d / "drift.json").read_text())
+            assert drift["total"]["rel_drift"] > 0 and "layers.1" in drift["layers"]
             s = json.loads((d / "summary.json").read_text())
             assert s["status"] == "ok" and s["arm"] == arm and s["seed"] == seed
             assert set(s["after"]["general"]) == {"rev", "general_nll"}
