@@ -305,6 +305,10 @@ def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
     log.info("before-evaluation %s", "reused from the cache" if hit else "computed")
     write_json(run.dir / "eval_before.json", before)
     train = train_stage(run, launcher)
+    if train.get("memory_estimate") and train.get("memory"):
+        log.info("memory: estimated %.2f GiB per device, measured peak %.2f GiB (%s)",
+                 train["memory_estimate"]["total_bytes"] / 2**30,
+                 train["memory"]["peak_bytes"] / 2**30, train["memory"]["device"])
     base = before.get("model") or base_checkpoint(run.cfg, root)
     layer_summaries(run, base)
     t1 = time.perf_counter()

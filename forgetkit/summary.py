@@ -16,6 +16,8 @@ Columns of summary.csv::
     retention_ratio   mean over general metrics of after/before (before/after when lower is
                       better): 1 = nothing lost
     train_time_s, tokens, target_tokens, steps
+    memory_estimate_bytes  forgetkit.memory's per-device estimate of the training state
+    peak_memory_bytes      measured: cuda max_memory_allocated, or the CPU process's peak RSS
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def summary_row(s: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, 
     row["tokens"] = tr.get("tokens")
     row["target_tokens"] = tr.get("target_tokens")
     row["steps"] = tr.get("steps")
+    row["memory_estimate_bytes"] = (tr.get("memory_estimate") or {}).get("total_bytes")
+    row["peak_memory_bytes"] = (tr.get("memory") or {}).get("peak_bytes")
     return row, meta
 
 

@@ -96,6 +96,8 @@ def test_results_tree_and_summary_contract(finished):
             assert s["status"] == "ok" and s["arm"] == arm and s["seed"] == seed
             assert set(s["after"]["general"]) == {"rev", "general_nll"}
             assert s["train"]["steps"] == 4
+            assert s["train"]["memory_estimate"]["total_bytes"] > 0
+            assert s["train"]["memory"]["peak_bytes"] > 0
             env_ = json.loads((d / "env.json").read_text())
             for k in ("python", "torch", "transformers", "accelerate", "lm_eval"):
                 assert env_.get(k), k
@@ -108,7 +110,7 @@ def test_results_tree_and_summary_contract(finished):
     want = {"arm", "seed", "status", "task_nll_before", "task_nll_after", "task_nll_delta",
             "rev_before", "rev_after", "rev_delta", "general_nll_before", "general_nll_after",
             "general_nll_delta", "task_gain", "mean_forgetting", "retention_ratio",
-            "train_time_s", "tokens"}
+            "train_time_s", "tokens", "memory_estimate_bytes", "peak_memory_bytes"}
     assert want <= cols, want - cols
     ok = [r for r in rows if r["status"] == "ok"]
     assert sorted((r["arm"], r["seed"]) for r in ok) == [("l2", "0"), ("l2", "1"),

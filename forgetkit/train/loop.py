@@ -76,6 +76,33 @@ class TrainResult:
     resumed_from: int | None
 
 
+def memory_report(cfg: Config, backend: Any) -> dict[str, Any]:
+    """The process's measured peak memory next to forgetkit's estimate (forgetkit.memory).
+
+    On a GPU the peak is ``torch.cuda.max_memory_allocated``; on CPU the peak RSS of the whole
+    process (interpreter and libraries included, so above the estimate, which counts only
+    training state). Never fails the run.
+    """
+    try:
+        from forgetkit.memory import estimate_for_config, measured_peak_bytes
+
+        sharded = backend.world_size > 1 and backend.name in ("fsdp", "deepspeed")
+        est = estimate_for_config(cfg, backend.world_size,
+                                  model=None if sharded else backend.unwrap())
+        measured = measured_peak_bytes()
+        log.info("memory: estimated %.2f GiB per device (weights %.2f, grads %.2f, optimizer "
+                 "%.2f, regularizers %.2f, activations %.2f); measured peak %.2f GiB (%s)",
+                 est.total_bytes / 2**30, est.weights_bytes / 2**30, est.gradients_bytes / 2**30,
+                 est.optimizer_bytes / 2**30, est.regularizer_bytes / 2**30,
+                 est.activations_bytes / 2**30, measured["peak_bytes"] / 2**30,
+                 "cuda max_memory_allocated" if measured["device"] == "cuda"
+                 else "CPU peak RSS of the process")
+        return {"memory": measured, "memory_estimate": est.to_dict()}
+    except Exception as e:  # an estimate must never fail a finished training run
+        log.warning("memory report unavailable: %s", e)
+        return {}
+
+
 # ----------------------------------------------------------------------------- data
 
 def build_data(cfg: Config, tokenizer: Any, replay_spec: Any = None, replay_ratio: float = 0.0
@@ -469,6 +496,7 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
         info.update(world_size=backend.world_size, strategy=backend.name,
                     n_train_examples=len(data.train), n_validation_examples=len(data.validation),
                     n_replay_pool=len(data.replay), global_batch=plan.global_batch)
+        info.update(memory_report(cfg, backend))
         tmp = out_dir / "train_result.json.tmp"
         tmp.write_text(json.dumps(info, indent=1))
         os.replace(tmp, out_dir / "train_result.json")

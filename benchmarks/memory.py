@@ -1,0 +1,283 @@
+"""Validate forgetkit.memory: measured peak memory of real forgetkit training steps vs estimate.
+
+For each configuration (model size x EWC on/off x gradient checkpointing on/off, fp32, AdamW)
+a fresh Python process:
+
+1. imports torch/transformers/forgetkit, builds the byte tokenizer, the config and a fixed batch
+   of ``b`` sequences of exactly ``s`` tokens (random ids, loss on every position but the first
+   quarter), creates the backend; then takes the **baseline**: the current RSS (psutil);
+2. builds the random-init Llama, the optimizer, the regularizer (EWC: theta0 snapshot + a Fisher;
+   the Fisher *estimate* is replaced by a constant tensor of the same shape, so that what is
+   measured is the training step, not the estimation, whose memory is a separate budget) and runs
+   ``--steps`` optimizer steps exactly as ``forgetkit.train.loop.train`` does (backend.forward,
+   ``token_losses``, token-normalised loss, ``backend.backward``, ``reg.grad_term``, foreach clip,
+   ``set_lr``, ``backend.optimizer_step``: fused AdamW, ``zero_grad(set_to_none=True)``);
+3. reports ``measured = peak RSS - baseline``, where peak RSS is the larger of
+   ``getrusage(RUSAGE_SELF).ru_maxrss`` (exact kernel high-water mark) and a 1 ms psutil sampler.
+   If ``ru_maxrss`` at the baseline is already above the final peak (an import-time spike),
+   the sampler's value is used and flagged.
+
+glibc: by default its heap keeps freed chunks (adaptive mmap threshold), so RSS is a high-water
+mark of the heap, ~25-40 % above the live tensors here (``--malloc default`` shows it). With
+``--malloc mmap`` (the default of this script) the workers run with
+``MALLOC_MMAP_THRESHOLD_=65536``: every tensor >= 64 KiB is its own mapping, returned to the OS
+when freed, so RSS follows the live tensors -- the CPU analogue of
+``torch.cuda.max_memory_allocated``, which is what the estimator models. Before the baseline the
+worker runs the same code once on a 1-layer, 32-wide model (imports, shared-library code pages,
+thread pools, autograd engine). On CUDA
+(if present) the worker runs on the GPU and reports ``torch.cuda.max_memory_allocated()``
+(tensors only), baseline 0.
+
+The estimate is ``forgetkit.memory.estimate_for_config(cfg, model=model, seq_len=s)``.
+Target: measured / estimated within 0.85-1.15.
+
+    .venv/bin/python benchmarks/memory.py            # 3 sizes x {plain, ewc} x {ckpt off, on}
+    .venv/bin/python benchmarks/memory.py --quick    # 2 sizes, 2 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# name -> (hidden, layers, heads, intermediate); vocab 259 (byte tokenizer), untied
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "5M": (256, 6, 4, 688),
+    "20M": (512, 6, 8, 1376),
+    "60M": (768, 8, 12, 2048),
+}
+
+
+def config(size: str, ewc: bool, ckpt: bool, s: int, b: int, out: Path) -> Any:
+    from forgetkit.config import config_from_dict
+
+    d, L, h, i = SIZES[size]
+    raw: dict[str, Any] = {
+        "name": "mem", "seed": 0,
+        "model": {"random_init": {"model_type": "llama", "hidden_size": d, "intermediate_size": i,
+                                  "num_hidden_layers": L, "num_attention_heads": h,
+                                  "num_key_value_heads": h, "max_position_embeddings": s,
+                                  "tie_word_embeddings": False},
+                  "tokenizer": "byte", "dtype": "float32", "attn_implementation": "sdpa",
+                  "gradient_checkpointing": ckpt},
+        "data": {"train": {"path": "unused.jsonl"}, "max_length": s},
+        "training": {"micro_batch_size": b, "lr": 1e-4, "max_grad_norm": 1.0},
+        "distributed": {"cpu": True},
+        "output": {"dir": str(out)},
+        "regularizers": ([{"type": "ewc", "lambda": 1.0, "fisher_data": {"path": "unused"}}]
+                         if ewc else []),
+    }
+    return config_from_dict(raw, "benchmarks/memory.py")
+
+
+class Sampler(threading.Thread):
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self.stop = False
+
+    def run(self) -> None:
+        while not self.stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.001)
+
+
+def run_steps(a: argparse.Namespace, cfg: Any, tok: Any, backend: Any,
+              batch: dict[str, Any], n_targets: int, steps: int) -> Any:
+    """Build model/optimizer/regularizer and run ``steps`` steps of the forgetkit loop."""
+    import torch
+
+    from forgetkit.models import load_model
+    from forgetkit.regularizers.base import RegContext
+    from forgetkit.regularizers.ewc import EWC
+    from forgetkit.train.loop import token_losses
+    from forgetkit.train.optim import build_optimizer, param_groups, set_lr
+
+    dev = backend.device
+    # --- the training step of forgetkit.train.loop.train, unchanged
+    model, _ = load_model(cfg.model, tokenizer=tok)
+    model = backend.shard(model)
+    model.train()
+    ctx = RegContext(model=model, params=backend.local_params, device=dev, rank=0,
+                     world_size=1, tokenizer=tok, backend=backend)
+    backend.model = model
+    t = cfg.training
+    optimizer = build_optimizer(param_groups(list(backend.local_params()), t), t, dev)
+    regs: list[Any] = []
+    if a.ewc:
+        reg = EWC(1.0, fisher_data=None)
+        reg._obtain = lambda ctx: [torch.full_like(x, 1e-3) for x in reg.anchor]  # type: ignore
+        reg.prepare(ctx)
+        regs.append(reg)
+    model, optimizer = backend.wrap(model, optimizer)
+    ctx.model = model
+    for _ in range(steps):
+        with backend.autocast():
+            out = backend.forward(input_ids=batch["input_ids"],
+                                  attention_mask=batch["attention_mask"])
+        ce = token_losses(out, batch["labels"])
+        loss = ce.sum() * (1.0 / n_targets)
+        del out
+        backend.backward(loss)
+        for r in regs:
+            r.grad_term(ctx)
+        backend.clip_grad_norm(t.max_grad_norm)
+        set_lr(optimizer, t.lr, 1.0)
+        backend.optimizer_step()
+        del ce, loss
+    return backend.unwrap()
+
+
+def worker(a: argparse.Namespace) -> dict[str, Any]:
+    import gc
+    import resource
+
+    import psutil
+    import torch
+
+    from forgetkit.memory import estimate_for_config
+    from forgetkit.models import build_byte_tokenizer
+    from forgetkit.train.distributed import make_backend
+
+    torch.set_num_threads(a.threads)
+    cuda = torch.cuda.is_available()
+    cfg = config(a.size, a.ewc, a.ckpt, a.seq, a.batch, Path(a.workdir) / "run")
+    if cuda:
+        cfg.distributed.cpu = False
+    tok = build_byte_tokenizer()
+    backend = make_backend(cfg.distributed, cfg.training)
+    dev = backend.device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (a.batch, a.seq), generator=g)
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, : a.seq // 4] = -100
+    labels[:, -1] = -100
+    batch = {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids).to(dev),
+             "labels": labels.to(dev)}
+    n_targets = int((labels != -100).sum())
+    # Warm-up: the same code path once on a tiny model, so that lazily imported modules, code
+    # pages of the shared libraries, thread pools and autograd's engine are in the baseline.
+    tiny = config(a.size, a.ewc, a.ckpt, a.seq, 1, Path(a.workdir) / "run")
+    tiny.model.random_init.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=2)
+    run_steps(a, tiny, tok, backend, {k: v[:1] for k, v in batch.items()}, n_targets, 1)
+    backend.model = backend.optimizer = None
+    gc.collect()
+    proc = psutil.Process()
+    base_rss = proc.memory_info().rss
+    base_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sampler = Sampler()
+    sampler.start()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+
+    model = run_steps(a, cfg, tok, backend, batch, n_targets, a.steps)
+    sampler.stop = True
+    sampler.join()
+    peak_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    est = estimate_for_config(cfg, model=model, seq_len=a.seq)
+    res: dict[str, Any] = {
+        "params": est.details["params"], "base_rss": base_rss, "base_maxrss": base_max,
+        "peak_maxrss": peak_max, "peak_sampled": sampler.peak,
+        "masked": base_max >= peak_max,
+        "estimate": {k: getattr(est, k) for k in ("weights_bytes", "gradients_bytes",
+                                                  "optimizer_bytes", "regularizer_bytes",
+                                                  "activations_bytes", "total_bytes")},
+        "k": est.details["k"], "device": "cuda" if cuda else "cpu",
+    }
+    peak = sampler.peak if res["masked"] else max(peak_max, sampler.peak)
+    res["measured"] = peak - base_rss
+    if cuda:
+        res["measured"] = torch.cuda.max_memory_allocated() - base_cuda
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="sizes 5M and 20M only")
+    p.add_argument("--sizes", default=None, help=f"comma list of {','.join(SIZES)}")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=2, help="optimizer steps (>= 2: state + acts)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
+    p.add_argument("--malloc", choices=("mmap", "default"), default="mmap",
+                   help="mmap: MALLOC_MMAP_THRESHOLD_=65536 in the workers, so that freed tensors "
+                   "go back to the OS and RSS tracks live tensors (like cuda "
+                   "max_memory_allocated); default: glibc's adaptive heap (process RSS as the "
+                   "OOM killer sees it, incl. heap fragmentation)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--size", default="5M", help=argparse.SUPPRESS)
+    p.add_argument("--ewc", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", default="/tmp", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        print("RESULT " + json.dumps(worker(a)))
+        return 0
+    sizes = (a.sizes.split(",") if a.sizes else (["5M", "20M"] if a.quick else list(SIZES)))
+    rows = []
+    print(f"fp32 AdamW, s={a.seq} b={a.batch}, {a.steps} optimizer steps, {a.threads} threads; "
+          f"measured = peak RSS - baseline RSS (fresh process per row, malloc={a.malloc})")
+    hdr = (f"{'size':>5} {'params':>7} {'ewc':>4} {'ckpt':>5} {'k':>5} {'est W+G+O+R':>11} "
+           f"{'est act':>8} {'est peak':>9} {'measured':>9} {'ratio':>6}")
+    print(hdr)
+    print("-" * len(hdr))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="forgetkit-mem-") as work:
+        for size in sizes:
+            for ewc in (False, True):
+                for ckpt in (False, True):
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
+                           "--size", size, "--seq", str(a.seq), "--batch", str(a.batch),
+                           "--steps", str(a.steps), "--threads", str(a.threads),
+                           "--workdir", work] + (["--ewc"] if ewc else []) + (
+                               ["--ckpt"] if ckpt else [])
+                    env = dict(os.environ)
+                    if a.malloc == "mmap":
+                        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+                    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True,
+                                          env=env)
+                    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                    if proc.returncode != 0 or not line:
+                        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+                        raise SystemExit(f"worker {size} ewc={ewc} ckpt={ckpt} failed")
+                    r = json.loads(line[0][7:])
+                    e = r["estimate"]
+                    state = (e["weights_bytes"] + e["gradients_bytes"] + e["optimizer_bytes"]
+                             + e["regularizer_bytes"])
+                    ratio = r["measured"] / e["total_bytes"]
+                    r.update(size=size, ewc=ewc, ckpt=ckpt, ratio=ratio)
+                    rows.append(r)
+                    mb = 1e6
+                    print(f"{size:>5} {r['params'] / 1e6:6.1f}M {'yes' if ewc else 'no':>4} "
+                          f"{'yes' if ckpt else 'no':>5} {r['k']:5.1f} {state / mb:9.0f}MB "
+                          f"{e['activations_bytes'] / mb:6.0f}MB {e['total_bytes'] / mb:7.0f}MB "
+                          f"{r['measured'] / mb:7.0f}MB {ratio:6.2f}"
+                          + ("  (baseline masked: sampled)" if r["masked"] else ""), flush=True)
+    ok = all(0.85 <= r["ratio"] <= 1.15 for r in rows)
+    print(f"target 0.85 <= measured/estimated <= 1.15: {'met' if ok else 'NOT met'} "
+          f"(range {min(r['ratio'] for r in rows):.2f}-{max(r['ratio'] for r in rows):.2f})")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Run every benchmark and print their headline ratios.
+
+    .venv/bin/python benchmarks/run_all.py [--quick]     # `make bench` entry point
+
+Runs, one after the other (never concurrently: they would steal each other's cores),
+``benchmarks/throughput.py`` (forgetkit vs HF Trainer), ``benchmarks/regularizers.py``
+(regularizer overheads, Fisher cost, eval throughput, MFU) and ``benchmarks/memory.py``
+(measured / estimated peak memory), each with ``--json``, then prints a summary of the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(script: str, args: list[str], out: Path) -> dict | list | None:
+    cmd = [sys.executable, str(HERE / script), *args, "--json", str(out)]
+    print(f"\n=== {' '.join(cmd[1:])}", flush=True)
+    rc = subprocess.run(cmd, cwd=str(HERE.parent)).returncode
+    if rc != 0 or not out.exists():
+        print(f"!!! {script} failed (exit {rc})")
+        return None
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--skip", default="", help="comma list of throughput,regularizers,memory")
+    a = p.parse_args(argv)
+    q = ["--quick"] if a.quick else []
+    skip = set(a.skip.split(","))
+    lines: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        if "throughput" not in skip:
+            r = run("throughput.py", q, t / "tp.json")
+            if isinstance(r, dict):
+                tps = {m: sorted(x["target_tokens"] / x["elapsed_s"] for x in v)[len(v) // 2]
+                       for m, v in r["results"].items()}
+                if "forgetkit" in tps:
+                    for m in ("hf-maxlen", "hf-dynamic"):
+                        if m in tps:
+                            lines.append(f"throughput forgetkit / {m}: "
+                                         f"{tps['forgetkit'] / tps[m]:.2f}x target tokens/s")
+        if "regularizers" not in skip:
+            r = run("regularizers.py", q, t / "reg.json")
+            if isinstance(r, dict):
+                for k, v in r["step_ratio_direct"].items():
+                    lines.append(f"step time {k} / plain: {v:.4f} direct, "
+                                 f"{r['step_ratio_min'][k]:.3f} measured (target <= 1.05)")
+                for k, v in r["fisher_ratio"].items():
+                    lines.append(f"Fisher {k} per example / train step per example: {v:.2f} "
+                                 "(target <= 1.5)")
+                lines.append(f"eval: {max(r['eval_examples_per_s'].values()):.1f} examples/s "
+                             f"at batch {r['eval_best_batch']}")
+                lines.append(f"MFU (fp32, 6N tokens/s over matmul peak): {100 * r['mfu']:.1f} %")
+        if "memory" not in skip:
+            r = run("memory.py", q, t / "mem.json")
+            if isinstance(r, list):
+                for x in r:
+                    lines.append(f"memory {x['size']} ewc={x['ewc']!s:<5} ckpt={x['ckpt']!s:<5} "
+                                 f"measured/estimated {x['ratio']:.2f} (target 0.85-1.15)")
+    print("\n=== summary")
+    for ln in lines:
+        print(ln)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

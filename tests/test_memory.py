@@ -1,0 +1,178 @@
+"""The memory estimator: textbook figures, sharding arithmetic, config path, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from forgetkit.memory import (
+    ModelShape,
+    activation_k,
+    estimate,
+    estimate_for_config,
+    main,
+    measured_peak_bytes,
+    shape_from_hf_config,
+)
+
+# Mistral-7B-v0.1: 7,241,732,096 parameters, d 4096, 32 layers, GQA 32/8, MLP 14336, V 32000.
+MISTRAL = ModelShape(7_241_732_096, 4096, 32, 32000, 14336, 32, 8)
+# LLaMA-7B: d 4096, 32 layers, MLP 11008, MHA, V 32000.
+LLAMA7 = ModelShape(6_738_415_616, 4096, 32, 32000, 11008, 32, 32)
+
+
+def state(e):
+    return e.weights_bytes + e.gradients_bytes + e.optimizer_bytes
+
+
+def test_mistral_bf16_weights_14_5_gb():
+    e = estimate(MISTRAL, seq_len=1, precision="bf16-mixed")
+    assert e.weights_bytes / 1e9 == pytest.approx(14.48, abs=0.01)  # "14.5 GB"
+
+
+def test_mixed_adamw_is_16_bytes_per_param():
+    seven_b = ModelShape(7_000_000_000, 4096, 32, 32000)
+    e = estimate(seven_b, seq_len=1, precision="bf16-mixed", optimizer="adamw")
+    assert (e.weights_bytes, e.gradients_bytes, e.optimizer_bytes) == (14e9, 14e9, 84e9)
+    assert state(e) == 112e9  # 2 + 2 + 12 (fp32 master, m, v)
+    # autocast over fp32 parameters: 4 + 4 + 8, plus the cached 16-bit weight copies
+    a = estimate(seven_b, seq_len=1, precision="bf16-mixed", autocast=True)
+    assert (a.gradients_bytes, a.optimizer_bytes) == (28e9, 56e9)
+    assert a.weights_bytes == 28e9 + 14e9
+
+
+@pytest.mark.parametrize("precision,optimizer,per_param", [
+    ("fp32", "adamw", 16), ("fp32", "sgd", 8), ("fp32", "sgd_momentum", 12),
+    ("bf16", "adamw", 8), ("bf16-mixed", "adamw8bit", 10), ("fp16-mixed", "sgd", 8),
+])
+def test_bytes_per_param(precision, optimizer, per_param):
+    n = 1_000_000_000
+    e = estimate(ModelShape(n, 4096, 32, 32000), seq_len=1, precision=precision,
+                 optimizer=optimizer)
+    assert state(e) == per_param * n
+
+
+def test_adafactor_state_is_tiny():
+    e = estimate(LLAMA7, seq_len=1, precision="fp32", optimizer="adafactor")
+    assert e.optimizer_bytes < 0.01 * e.weights_bytes
+
+
+def test_llama7b_activations_textbook_k12():
+    # s*b*d*L*k bytes: 2048 * 1 * 4096 * 32 * 12 = 3.22e9 bytes = 3.2 GB (decimal), 3.0 GiB.
+    e = estimate(LLAMA7, seq_len=2048, micro_batch=1, k=12)
+    layers = e.details["activations_layers_bytes"]
+    assert layers == 2048 * 4096 * 32 * 12
+    assert layers / 1e9 == pytest.approx(3.2, abs=0.05)
+    assert layers / 2 ** 30 == pytest.approx(3.0, abs=0.01)
+    assert e.activations_bytes > layers  # + logits/loss, embeddings
+
+
+def test_activation_k_derived():
+    # 8 + 2 dkv/d + 4 i/d elements: LLaMA-7B 20.75 -> fp32 83, autocast mixed 41.5 bytes
+    k_elem = 8 + 2 + 4 * 11008 / 4096
+    assert k_elem == pytest.approx(20.75)
+    assert activation_k(LLAMA7, "fp32") == pytest.approx(4 * k_elem)
+    assert activation_k(LLAMA7, "bf16-mixed") == pytest.approx(16 + 2 * (k_elem - 4))
+    assert activation_k(LLAMA7, "bf16") == pytest.approx(2 * k_elem)
+    assert activation_k(LLAMA7, "fp32", "eager", 2048) > activation_k(LLAMA7, "fp32")
+    ck = estimate(LLAMA7, seq_len=2048, gradient_checkpointing=True, precision="bf16")
+    full = estimate(LLAMA7, seq_len=2048, precision="bf16")
+    assert ck.details["activations_layers_bytes"] == 2048 * 4096 * 32 * 2 + 2048 * 4096 * \
+        activation_k(LLAMA7, "bf16")
+    assert ck.activations_bytes < full.activations_bytes / 5
+
+
+@pytest.mark.parametrize("sharding,divided", [
+    ("zero1", {"optimizer"}), ("zero2", {"optimizer", "gradients"}),
+    ("zero3", {"optimizer", "gradients", "weights"}), ("fsdp", {"optimizer", "gradients",
+                                                               "weights"}),
+])
+def test_zero_divides_by_world_size(sharding, divided):
+    one = estimate(MISTRAL, seq_len=512, regularizers=["ewc"])
+    eight = estimate(MISTRAL, seq_len=512, sharding=sharding, world_size=8, regularizers=["ewc"])
+    for key in ("weights", "gradients", "optimizer"):
+        a, b = getattr(one, key + "_bytes"), getattr(eight, key + "_bytes")
+        if key in divided:
+            gather = 0  # weights: + 2 unsharded layers in flight under zero3/fsdp
+            if key == "weights":
+                gather = 2 * MISTRAL.layer_params * 2
+            assert b - gather == pytest.approx(a / 8, rel=1e-6), key
+        else:
+            assert b == a, key
+    assert eight.activations_bytes == one.activations_bytes
+    if sharding in ("zero3", "fsdp"):  # anchors follow the parameter shards
+        assert eight.regularizer_bytes == pytest.approx(one.regularizer_bytes / 8, rel=1e-6)
+        total = estimate(MISTRAL, seq_len=1, sharding=sharding, world_size=8)
+        ref = estimate(MISTRAL, seq_len=1)
+        assert state(total) < state(ref) / 7
+
+
+def test_offload_and_regularizers():
+    e = estimate(MISTRAL, seq_len=1, sharding="zero3", world_size=4, offload_optimizer=True,
+                 offload_params=True)
+    assert e.optimizer_bytes == 0 and e.cpu_bytes > 0
+    n = MISTRAL.params
+    assert estimate(MISTRAL, seq_len=1, regularizers=["l2"]).regularizer_bytes == 4 * n
+    assert estimate(MISTRAL, seq_len=1, regularizers=["l2"],
+                    anchor_dtype="bfloat16").regularizer_bytes == 2 * n
+    assert estimate(MISTRAL, seq_len=1, regularizers=["ewc"]).regularizer_bytes == 8 * n
+    assert estimate(MISTRAL, seq_len=1, regularizers=["kl"]).regularizer_bytes == 2 * n
+    with pytest.raises(ValueError):
+        estimate(MISTRAL, seq_len=1, offload_params=True)
+    with pytest.raises(ValueError):
+        estimate(MISTRAL, seq_len=1, regularizers=["wise"])
+
+
+def test_peak_sum_with_accumulation():
+    a = estimate(LLAMA7, seq_len=2048, grad_accumulation=1)
+    b = estimate(LLAMA7, seq_len=2048, grad_accumulation=4)
+    assert b.total_bytes == b.weights_bytes + b.gradients_bytes + b.optimizer_bytes + \
+        b.regularizer_bytes + b.activations_bytes
+    assert a.total_bytes < b.total_bytes
+
+
+def test_param_count_from_config_matches_model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              vocab_size=259, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(hf)
+    n = sum(p.numel() for p in model.parameters())
+    assert shape_from_hf_config(hf).params == n
+
+
+def test_estimate_for_config(tiny_cfg):
+    from forgetkit.models import load_model
+
+    cfg = tiny_cfg(regularizers=[{"type": "ewc", "lambda": 1.0,
+                                  "fisher_data": {"path": "x.jsonl"}}])
+    model, _ = load_model(cfg.model)
+    n = sum(p.numel() for p in model.parameters())
+    e = estimate_for_config(cfg, model=model)
+    assert e.details["params"] == n
+    assert e.weights_bytes == 4 * n and e.optimizer_bytes == 8 * n
+    assert e.regularizer_bytes == 8 * n
+    e2 = estimate_for_config(cfg)  # from the random_init dict, no weights
+    assert e2.details["params"] == n
+    four = estimate_for_config(tiny_cfg(distributed={"strategy": "fsdp"}), world_size=4)
+    assert four.optimizer_bytes == 2 * n
+
+
+def test_cli_json(capsys):
+    assert main(["--params", "7.24B", "--hidden", "4096", "--layers", "32", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    for key in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "regularizer_bytes",
+                "activations_bytes", "total_bytes"):
+        assert isinstance(d[key], int)
+    assert d["weights_bytes"] == 2 * 7_240_000_000
+    assert main(["--params", "1B", "--hidden", "2048", "--layers", "16", "--zero", "3",
+                 "--world-size", "8", "--reg", "ewc", "--gradient-checkpointing"]) == 0
+    out = capsys.readouterr().out
+    assert "peak total" in out and "GB" in out and "fits" in out
+
+
+def test_measured_peak_bytes():
+    m = measured_peak_bytes()
+    assert m["device"] in ("cpu", "cuda") and m["peak_bytes"] > 10_000_000
