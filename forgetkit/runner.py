@@ -111,20 +111,21 @@ def plan_runs(raw: dict[str, Any], src: str, arms: list[str] | None = None,
     seed_list = seeds if seeds else opts.seeds
     root = Path(opts.results_dir.format(name=base.name))
     runs = []
-    for name, overrides, point in expanded:
-        for seed in seed_list:
-            r = copy.deepcopy(raw)
-            try:
-                apply_overrides(r, overrides)
-            except ConfigError as e:
-                raise ConfigError(f"{src} (arm '{name}'): {e}") from None
-            r["seed"] = seed
-            d = run_dir(root, name, seed)
-            r.setdefault("output", {})
-            r["output"] = {**(r["output"] or {}), "dir": str(d), "save_model": True}
-            cfg = config_from_dict(r, f"{src} (arm '{name}')")
-            share_fisher(cfg, root)
-            runs.append(RunSpec(name, seed, point, cfg, d))
+    # Seed-major order: every arm's seed 0 first, so an interrupted experiment still has
+    # comparable arms.
+    for seed, (name, overrides, point) in itertools.product(seed_list, expanded):
+        r = copy.deepcopy(raw)
+        try:
+            apply_overrides(r, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{src} (arm '{name}'): {e}") from None
+        r["seed"] = seed
+        d = run_dir(root, name, seed)
+        r.setdefault("output", {})
+        r["output"] = {**(r["output"] or {}), "dir": str(d), "save_model": True}
+        cfg = config_from_dict(r, f"{src} (arm '{name}')")
+        share_fisher(cfg, root)
+        runs.append(RunSpec(name, seed, point, cfg, d))
     return base, runs
 
 
