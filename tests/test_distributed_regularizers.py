@@ -32,23 +32,18 @@ Runtime: three launches, ~80 s on 2 shared cores.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from dist_utils import max_abs_diff, reports, run_worker, step_logs
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "dist_worker.py"
 SMOKE = REPO / "experiments" / "smoke.yaml"
 DATA = REPO / "experiments" / "data" / "smoke_task.jsonl"
 GENERAL = REPO / "experiments" / "data" / "smoke_general.jsonl"
@@ -78,24 +73,6 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 
 
 # ----------------------------------------------------------------------------- helpers
-# (the launch helpers of tests/test_distributed.py, copied: test modules do not import each other)
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                        "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return env
-
-
 def config_dict(out_dir: Path, accum: int, **distributed: Any) -> dict[str, Any]:
     cfg = yaml.safe_load(SMOKE.read_text())
     cfg["data"]["train"].update(path=str(DATA), limit=64)
@@ -111,39 +88,12 @@ def train(root: Path, name: str, nproc: int, accum: int, **distributed: Any) -> 
     out = root / name
     config = root / f"{name}.yaml"
     config.write_text(yaml.safe_dump(config_dict(out, accum, **distributed), sort_keys=False))
-    for _attempt in range(3):
-        if nproc == 1:
-            cmd = [sys.executable, str(WORKER), str(config)]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                   "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER),
-                   str(config)]
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=420)
-        if proc.returncode == 0:
-            return out
-        if "address already in use" not in proc.stdout.lower():  # else: port race, retry
-            break
-    tail = "\n".join(proc.stdout.splitlines()[-60:])
-    pytest.fail(f"{' '.join(cmd)}\nexited with {proc.returncode}:\n{tail}", pytrace=False)
-
-
-def reports(out_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads((out_dir / f"worker-rank{r}.json").read_text())
-            for r in range(len(list(out_dir.glob("worker-rank*.json"))))]
-
-
-def step_logs(out_dir: Path) -> list[dict[str, Any]]:
-    lines = (out_dir / "train_log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, filter(None, lines)) if "loss" in r]
+    run_worker(config, nproc)
+    return out
 
 
 def fisher(out_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out_dir / "fisher-ewc.safetensors"))
-
-
-def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def rel_l1(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
