@@ -37,7 +37,8 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 # finished runs and resumes a killed one).
 DEMO_DIR ?= runs/demo
 demo: $(STAMP)
-	$(PY) -m forgetkit.run experiments/ewc_medical.yaml experiment.results_dir=$(DEMO_DIR)/{name}
+	$(PY) -m forgetkit.run experiments/ewc_medical.yaml --arms naive,replay10,l2,ewc \
+		experiment.results_dir=$(DEMO_DIR)/{name}
 	$(PY) -m forgetkit.report $(DEMO_DIR)/ewc_medical
 
 smoke: $(STAMP)
