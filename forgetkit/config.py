@@ -474,7 +474,10 @@ def parse_overrides(items: list[str], src: str = "command line") -> dict[str, An
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a raw (unvalidated) config mapping; validation happens afterwards."""
+    """Set dotted keys in a raw (unvalidated) config mapping; validation happens afterwards.
+
+    A mapping value merges into an existing mapping (``training: {lr: 1e-4}`` changes only the
+    learning rate, as ``extends:`` does); lists and scalars replace what was there."""
     for dotted, value in overrides.items():
         node: Any = raw
         parts = dotted.split(".")
@@ -490,7 +493,9 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
                     node = node[int(p)]
                 continue
             if last:
-                node[p] = value
+                old = node.get(p)
+                both = isinstance(old, dict) and isinstance(value, dict)
+                node[p] = deep_merge(old, value) if both else value
             else:
                 if not isinstance(node.get(p), (dict, list)):
                     node[p] = {}

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", help="comma-separated seeds (replaces experiment.seeds)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     ap.add_argument("--force", action="store_true", help="recompute finished runs")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options and overrides in any order
 
     from forgetkit import assets  # noqa: F401  (registers model and dataset aliases)
     from forgetkit.runner import describe_plan, plan_runs, run_experiment

@@ -11,6 +11,7 @@ import yaml
 
 from forgetkit.config import (
     ConfigError,
+    apply_overrides,
     config_from_dict,
     dump_config,
     load_config,
@@ -86,6 +87,21 @@ def test_overrides(tmp_path):
         load_config(p, ["training.lrr=1"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(p, ["training.lr"])
+
+
+def test_mapping_override_merges_into_the_section(tmp_path):
+    # an arm's `training: {max_grad_norm: null}` must change that key only, not reset the section
+    p = write(tmp_path, base())
+    ref = load_config(p, ["training.lr=3e-4", "training.max_steps=7"])
+    cfg = load_config(p, ["training.lr=3e-4", "training.max_steps=7",
+                          "training={max_grad_norm: null}"])
+    assert cfg.training.max_grad_norm is None and ref.training.max_grad_norm == 1.0
+    assert (cfg.training.lr, cfg.training.max_steps) == (3e-4, 7)
+    cfg = load_config(p, ["data={max_length: 64}"])  # data.train survives the merge
+    assert cfg.data.max_length == 64 and cfg.data.train.path == "d.jsonl"
+    raw = apply_overrides({"regularizers": [{"type": "l2"}, {"type": "ewc"}]},
+                          {"regularizers": [{"type": "kl"}]})
+    assert raw["regularizers"] == [{"type": "kl"}]  # lists replace
 
 
 def test_dataset_needs_exactly_one_source():

@@ -162,6 +162,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     proc = run_cli(config, "--dry-run", "--arms", "l2")
     assert "3 runs (1 arms x 3 seeds)" in proc.stderr
     assert not (tmp_path / "results").exists()
+    # options before overrides, as `make demo` writes it
+    proc = run_cli(config, "--arms", "l2", "--seeds", "0,1", "--dry-run",
+                   f"experiment.results_dir={tmp_path}/elsewhere/{{name}}")
+    assert "2 runs (1 arms x 2 seeds)" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "elsewhere").exists()
 
 
 def test_killed_run_resumes_without_recomputing_finished_runs(tmp_path):

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m forgetkit.train", description=__doc__)
     ap.add_argument("config", help="YAML config file")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options and overrides in any order
     cfg = load_config(args.config, args.overrides)  # validated before anything is written
     setup_logging()
     from forgetkit import assets  # noqa: F401  (registers model and dataset aliases)
