@@ -392,13 +392,13 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
                         loss = loss + p / n_micro
                         reg_acc[reg.name] = reg_acc.get(reg.name, 0) + p.detach() / n_micro
                 backend.backward(loss)
-            with torch.no_grad():
-                rep = (batch["source"] == 1)
+            with torch.no_grad():  # masked sums, no `if rep.any()`: no host sync per micro-step
+                rep = (batch["source"] == 1)[:, None]  # (B, 1): replay examples
+                targets = batch["labels"] != IGNORE_INDEX
                 acc[0] += task_sum.detach().double()
-                acc[1] += (batch["labels"] != IGNORE_INDEX).sum()
-                if rep.any():
-                    acc[2] += ce[rep].sum().double()
-                    acc[3] += (batch["labels"][rep] != IGNORE_INDEX).sum()
+                acc[1] += targets.sum()
+                acc[2] += (ce.detach() * rep).sum().double()
+                acc[3] += (targets & rep).sum()
         # Gradients are now reduced across ranks. Gradient-space regularizer terms (in place).
         for reg in regularizers:
             v = reg.grad_term(ctx)
