@@ -128,6 +128,11 @@ class TrainingConfig:
     layer_lr_decay: float | None = _f(
         None, gt=0.0, le=1.0, doc="ULMFiT discriminative lr: layer l from the top gets lr*xi**l")
     max_grad_norm: float | None = _f(1.0, gt=0.0)
+    clip_scope: Literal["all", "loss"] = _f(
+        "all", doc="what max_grad_norm clips: 'all' = loss gradient plus the regularizers' "
+        "gradient terms (coupled L2-SP/EWC), as when a penalty is added to the loss; 'loss' = "
+        "the loss gradient only, the gradient terms are added after the clip (a stiff EWC "
+        "term then cannot shrink the task gradient; not with DeepSpeed)")
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("no")
     eval_every: int = _f(0, ge=0, doc="validation loss every N optimizer steps (0: at the end)")
     log_every: int = _f(1, ge=1)
@@ -452,6 +457,14 @@ def _metric_check(self: MetricSpec, where: str, src: str) -> None:
         self.name = self.task or self.kind
 
 
+def _config_check(self: Config, where: str, src: str) -> None:
+    if self.training.clip_scope == "loss" and self.distributed.strategy == "deepspeed":
+        raise ConfigError(f"{src}: training.clip_scope: 'loss' is not possible with "
+                          "distributed.strategy 'deepspeed' (the engine clips inside its step, "
+                          "after the gradient terms); expected 'all'")
+
+
+Config._check = _config_check  # type: ignore[attr-defined]
 ModelConfig._check = _model_check  # type: ignore[attr-defined]
 DatasetSpec._check = _dataset_check  # type: ignore[attr-defined]
 TrainingConfig._check = _training_check  # type: ignore[attr-defined]

@@ -160,3 +160,12 @@ def test_extends_merges_a_base_file(tmp_path):
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
     with pytest.raises(ConfigError, match="circular"):
         load_config(tmp_path / "loop.yaml")
+
+
+def test_clip_scope_loss_rejected_with_deepspeed():
+    raw = base()
+    raw["training"] = {"clip_scope": "loss"}
+    assert config_from_dict(raw).training.clip_scope == "loss"
+    raw["distributed"] = {"strategy": "deepspeed"}
+    with pytest.raises(ConfigError, match="training.clip_scope: 'loss' is not possible"):
+        config_from_dict(raw)

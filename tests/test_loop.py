@@ -178,3 +178,26 @@ def test_gradient_checkpointing_same_losses(tiny_cfg, tmp_path):
     b = train(tiny_cfg(model={"gradient_checkpointing": True}, training={"max_steps": 2},
                        output={"dir": str(tmp_path / "b")}), progress=False)
     assert losses(a.out_dir) == pytest.approx(losses(b.out_dir), rel=1e-6)
+
+
+def test_clip_scope_loss_keeps_gradient_terms_out_of_the_clip(tiny_cfg, tmp_path):
+    """clip_scope 'all' (default): a stiff coupled gradient term enters the clipped norm and
+    shrinks the task gradient; 'loss': the norm is the loss gradient's, the term is added after."""
+    from forgetkit.regularizers.l2 import L2SP
+
+    def norms(name: str, scope: str, regs: list) -> tuple[list[float], dict]:
+        res = train(tiny_cfg(training={"max_steps": 2, "max_grad_norm": 1.0, "clip_scope": scope},
+                             output={"dir": str(tmp_path / name)}), regs, progress=False)
+        recs = [json.loads(x) for x in (res.out_dir / "train_log.jsonl").read_text().splitlines()]
+        return [r["grad_norm"] for r in recs if "grad_norm" in r], weights(res.out_dir)
+
+    naive, w_naive = norms("naive", "all", [])
+    both, _ = norms("all", "all", [L2SP(1e4)])
+    loss_only, w_loss = norms("loss", "loss", [L2SP(1e4)])
+    # step 1: theta = theta0, the term is zero: one gradient for all three
+    assert naive[0] == pytest.approx(both[0]) == pytest.approx(loss_only[0])
+    # step 2: same weights after step 1, so the loss gradient is naive's; 'all' adds the term
+    assert loss_only[1] == pytest.approx(naive[1], rel=1e-6)
+    assert both[1] > 10 * naive[1]
+    # and the term was still applied under 'loss' (after the clip)
+    assert any(not torch.equal(w_naive[k], w_loss[k]) for k in w_naive)

@@ -3,7 +3,9 @@
 config -> backend (process group, device) -> model -> data -> optimizer -> regularizers.prepare
 -> wrap -> resume -> for each optimizer step: [micro-steps: forward, token-normalised loss +
 penalties, backward] -> gradient terms -> clip -> step -> lr -> log / validate / checkpoint
--> final checkpoint and HF model.
+-> final checkpoint and HF model. (``training.clip_scope: loss`` swaps the two middle stages:
+clip the loss gradient, then add the gradient terms, so a stiff EWC term cannot set the clip
+factor of every weight.)
 
 Loss normalisation (the subtle part). For one optimizer step with global batch G (all
 micro-batches on all ranks), the loss is the mean over the *target tokens* of G::
@@ -332,6 +334,10 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
     optimizer = build_optimizer(param_groups(named, t), t, backend.device)
     for reg in regularizers:
         reg.prepare(ctx)
+    inside = [r.name for r in regularizers if getattr(r, "mode", "loss") == "loss"]
+    if t.clip_scope == "loss" and t.max_grad_norm and inside:
+        log.warning("training.clip_scope 'loss': %s add their penalty through the loss "
+                    "(autograd), so the gradient clip includes it", ", ".join(inside))
     model, optimizer = backend.wrap(model, optimizer)
     ctx.model = model
     warm = warmup_steps(t, plan.total_steps)
@@ -399,12 +405,16 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
                 acc[1] += targets.sum()
                 acc[2] += (ce.detach() * rep).sum().double()
                 acc[3] += (targets & rep).sum()
-        # Gradients are now reduced across ranks. Gradient-space regularizer terms (in place).
+        # Gradients are now reduced across ranks. Gradient-space regularizer terms (in place),
+        # clipped together with the loss gradient (clip_scope "all") or added after the clip.
+        if t.clip_scope == "loss":
+            grad_norm = backend.clip_grad_norm(t.max_grad_norm)
         for reg in regularizers:
             v = reg.grad_term(ctx)
             if v is not None:
                 reg_acc[reg.name] = reg_acc.get(reg.name, 0) + v.detach()
-        grad_norm = backend.clip_grad_norm(t.max_grad_norm)
+        if t.clip_scope == "all":
+            grad_norm = backend.clip_grad_norm(t.max_grad_norm)
         lr = set_lr(optimizer, t.lr, lr_factor(step, plan.total_steps, warm, t.scheduler,
                                                t.min_lr_ratio))
         backend.optimizer_step()
