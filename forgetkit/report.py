@@ -472,15 +472,30 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
     return [n for _, n in sorted(front)]
 
 
-def fig_pareto(res: Results, out: Path, colors: dict[str, Any]) -> Figure | str:
+def _forgetting(res: Results, metric: str | None, arm: str) -> tuple[float | None, Any]:
+    """(forgetting mean, CI) of an arm: the mean over the general suite (``metric`` None) or one
+    general metric's drop (its delta, sign-flipped when higher is better)."""
+    a = res.agg[arm]
+    if metric is None:
+        return _as_float(a.get("mean_forgetting_mean")), a.get("mean_forgetting_ci95")
+    d = _as_float(a.get(f"{metric}_delta_mean"))
+    sign = -1.0 if res.columns[metric].get("higher_is_better", True) else 1.0
+    return (None if d is None else sign * d), a.get(f"{metric}_delta_ci95")
+
+
+def fig_pareto(res: Results, out: Path, colors: dict[str, Any],
+               metric: str | None = None) -> Figure | str:
+    """Task gain against forgetting: the mean over the general suite, or one general metric
+    (``pareto_<metric>``; drawn for NLL metrics when the suite mixes units)."""
     plt = _plt()
+    stem = "pareto" if metric is None else f"pareto_{metric}"
     pts = []
     for arm, a in res.agg.items():
-        g, f = _as_float(a.get("task_gain_mean")), _as_float(a.get("mean_forgetting_mean"))
+        g, (f, _) = _as_float(a.get("task_gain_mean")), _forgetting(res, metric, arm)
         if g is not None and f is not None:
             pts.append((arm, g, f))
     if not pts:
-        return "pareto: no arm has both a task gain and a forgetting value"
+        return f"{stem}: no arm has both a task gain and a forgetting value"
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.axhline(0, color="0.5", lw=0.8, zorder=0)
     ax.axvline(0, color="0.5", lw=0.8, zorder=0)
@@ -492,23 +507,38 @@ def fig_pareto(res: Results, out: Path, colors: dict[str, Any]) -> Figure | str:
         a = res.agg[arm]
         naive = arm == NAIVE
         ax.errorbar(g, f, xerr=_ci(a.get("task_gain_ci95")),
-                    yerr=_ci(a.get("mean_forgetting_ci95")),
+                    yerr=_ci(_forgetting(res, metric, arm)[1]),
                     fmt="*" if naive else "o", ms=14 if naive else 7, color=colors[arm],
                     ecolor=colors[arm], elinewidth=1, capsize=3, zorder=3,
                     mec="black" if naive else colors[arm], label=arm + (" (no regularizer)"
                                                                         if naive else ""))
         ax.annotate(arm, (g, f), xytext=(6, 6), textcoords="offset points", fontsize=8,
                     fontweight="bold" if naive else "normal")
-    gen = res.metrics("general")
     ax.set_xlabel(f"task gain: Δ {_first_task_unit(res)}  (→ better)")
-    ax.set_ylabel(f"mean forgetting over {len(gen)} general benchmarks\n"
-                  f"(drop, {_common_unit(res, gen) if gen else 'n/a'})  (↓ better)")
-    ax.set_title(f"{res.name}: learning vs forgetting (mean ± 95 % CI over seeds)")
+    if metric is None:
+        gen = res.metrics("general")
+        ax.set_ylabel(f"mean forgetting over {len(gen)} general benchmarks\n"
+                      f"(drop, {_common_unit(res, gen) if gen else 'n/a'})  (↓ better)")
+        what = "mean forgetting"
+    else:
+        change = "drop" if res.columns[metric].get("higher_is_better", True) else "rise"
+        ax.set_ylabel(f"forgetting on {metric}\n({change}, {metric_unit(res.columns[metric])})"
+                      "  (↓ better)")
+        what = f"forgetting on {metric}"
+    ax.set_title(f"{res.name}: learning vs {what} (mean ± 95 % CI over seeds)")
     ax.legend(loc="best", framealpha=0.9)
-    _save(fig, out, "pareto")
-    return Figure("pareto", "Task gain vs mean forgetting per arm (mean ± 95 % CI over seeds); "
-                            "dashed: Pareto frontier (lower right is better); star: naive "
-                            "fine-tuning.")
+    _save(fig, out, stem)
+    return Figure(stem, f"Task gain vs {what} per arm (mean ± 95 % CI over seeds); dashed: "
+                        "Pareto frontier (lower right is better); star: naive fine-tuning.")
+
+
+def nll_paretos(res: Results) -> list[str]:
+    """General NLL metrics that get their own Pareto plot: those of a suite with mixed units,
+    where the mean forgetting adds nats to accuracy points."""
+    gen = res.metrics("general")
+    if len({metric_unit(res.columns[m]) for m in gen}) < 2:
+        return []
+    return [m for m in gen if res.columns[m].get("metric") == "nll"]
 
 
 def fig_benchmarks(res: Results, out: Path, colors: dict[str, Any]) -> Figure | str:
@@ -774,8 +804,9 @@ def make_figures(res: Results, out: Path, curves: dict[str, Any] | None) -> Repo
         return rep
     colors = arm_colors(res.arms + [a for a in (curves or {}).get("arms", {})
                                     if a not in res.agg])
-    items: list[Figure | str] = [fig_pareto(res, out, colors), fig_benchmarks(res, out, colors),
-                                 fig_curves(res, out, colors, curves)]
+    items: list[Figure | str] = [fig_pareto(res, out, colors)]
+    items += [fig_pareto(res, out, colors, m) for m in nll_paretos(res)]
+    items += [fig_benchmarks(res, out, colors), fig_curves(res, out, colors, curves)]
     items += fig_sweeps(res, out, colors)
     items += [fig_drift(res, out, colors), fig_fisher(res, out, colors)]
     for it in items:

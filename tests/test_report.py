@@ -310,3 +310,24 @@ def test_cli(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert (tmp_path / "cli" / "index.md").exists()
     assert (tmp_path / "cli" / "table_main.tex").exists()
     assert report.main([str(tmp_path / "missing")]) == 2
+
+
+def test_per_metric_pareto_for_nll_in_a_mixed_unit_suite(tmp_path: Path) -> None:
+    """The committed study mixes nats (wiki_nll) and accuracies in its general suite: the report
+    adds pareto_wiki_nll, whose forgetting is the NLL rise (and an accuracy's drop)."""
+    from forgetkit.report import _forgetting, build_report, load_results, nll_paretos
+
+    root = Path(__file__).resolve().parents[1] / "results" / "ewc_medical"
+    if not (root / "summary_agg.csv").exists():
+        pytest.skip("no committed results/ewc_medical")
+    res = load_results(root)
+    assert nll_paretos(res) == ["wiki_nll"]
+    a = res.agg["naive"]
+    assert _forgetting(res, "wiki_nll", "naive")[0] == pytest.approx(
+        float(a["wiki_nll_after_mean"]) - float(a["wiki_nll_before_mean"]), abs=1e-9)
+    assert _forgetting(res, "piqa", "naive")[0] == pytest.approx(-float(a["piqa_delta_mean"]))
+    rep = build_report(root, tmp_path / "report")
+    assert {"pareto", "pareto_wiki_nll"} <= {f.stem for f in rep.figures}
+    assert (tmp_path / "report" / "pareto_wiki_nll.png").stat().st_size > 10_000
+    # a suite in one unit keeps the single Pareto (the synthetic tree: accuracies only)
+    assert nll_paretos(load_results(make_tree(tmp_path / "synth"))) == []
