@@ -56,7 +56,7 @@ from forgetkit.report import (
 )
 
 # The paper's experiments: the main comparison and the lambda sweep behind its lambdas.
-EXPERIMENTS = ("ewc_medical", "ewc_medical_sweep")
+EXPERIMENTS = ["ewc_medical", "ewc_medical_sweep"]
 # Not compared by --compare: they depend on the machine, not on the method.
 VOLATILE = {"train_time_s", "n_seeds"}
 

@@ -7,6 +7,7 @@ Reads ``summary.csv`` / ``summary_agg.csv`` / ``columns.json`` (rebuilt from the
 ``results/<experiment>/report/``), always under the same names::
 
     pareto.{png,pdf}          task gain vs mean forgetting, one point per arm (95 % CI over seeds)
+    pareto_<metric>.{png,pdf} the same for each general NLL metric, when the suite mixes units
     benchmarks.{png,pdf}      before/after per benchmark and arm
     curves.{png,pdf}          training curves (mean over seeds, band = min..max over seeds)
     sweep_<arm>_<key>.{png,pdf}  metric and forgetting against a grid value (grid arms only)
@@ -38,6 +39,7 @@ from typing import Any
 
 from forgetkit.cli import guarded
 from forgetkit.config import ConfigError
+from forgetkit.eval.forgetting import forgetting
 from forgetkit.results import read_json, write_json, write_text
 
 CURVE_POINTS = 200
@@ -474,13 +476,14 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
 
 def _forgetting(res: Results, metric: str | None, arm: str) -> tuple[float | None, Any]:
     """(forgetting mean, CI) of an arm: the mean over the general suite (``metric`` None) or one
-    general metric's drop (its delta, sign-flipped when higher is better)."""
+    general metric's forgetting, from its mean raw delta (after - before; linear, so the
+    forgetting of the mean is the mean forgetting)."""
     a = res.agg[arm]
     if metric is None:
         return _as_float(a.get("mean_forgetting_mean")), a.get("mean_forgetting_ci95")
     d = _as_float(a.get(f"{metric}_delta_mean"))
-    sign = -1.0 if res.columns[metric].get("higher_is_better", True) else 1.0
-    return (None if d is None else sign * d), a.get(f"{metric}_delta_ci95")
+    hib = bool(res.columns[metric].get("higher_is_better", True))
+    return (None if d is None else forgetting(0.0, d, hib)), a.get(f"{metric}_delta_ci95")
 
 
 def fig_pareto(res: Results, out: Path, colors: dict[str, Any],

@@ -334,10 +334,11 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
     optimizer = build_optimizer(param_groups(named, t), t, backend.device)
     for reg in regularizers:
         reg.prepare(ctx)
-    inside = [r.name for r in regularizers if getattr(r, "mode", "loss") == "loss"]
-    if t.clip_scope == "loss" and t.max_grad_norm and inside:
-        log.warning("training.clip_scope 'loss': %s add their penalty through the loss "
-                    "(autograd), so the gradient clip includes it", ", ".join(inside))
+    if t.clip_scope == "loss" and t.max_grad_norm:
+        inside = [r.name for r in regularizers if getattr(r, "mode", "loss") == "loss"]
+        if inside:
+            log.warning("training.clip_scope 'loss': %s add their penalty through the loss "
+                        "(autograd), so the gradient clip includes it", ", ".join(inside))
     model, optimizer = backend.wrap(model, optimizer)
     ctx.model = model
     warm = warmup_steps(t, plan.total_steps)
@@ -370,6 +371,7 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
         bar = tqdm(total=plan.total_steps, initial=start_step, desc="train", unit="step",
                    dynamic_ncols=True)
     n_micro = t.gradient_accumulation_steps
+    has_replay = len(data.replay) > 0  # known on the host: no per-step check needed
     dev = backend.device
     # Running sums kept on device between log points: no host sync per micro-step.
     acc = torch.zeros(4, dtype=torch.float64, device=dev)  # loss sum, targets, replay sum, n
@@ -398,13 +400,14 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
                         loss = loss + p / n_micro
                         reg_acc[reg.name] = reg_acc.get(reg.name, 0) + p.detach() / n_micro
                 backend.backward(loss)
-            with torch.no_grad():  # masked sums, no `if rep.any()`: no host sync per micro-step
-                rep = (batch["source"] == 1)[:, None]  # (B, 1): replay examples
+            with torch.no_grad():
                 targets = batch["labels"] != IGNORE_INDEX
                 acc[0] += task_sum.detach().double()
                 acc[1] += targets.sum()
-                acc[2] += (ce.detach() * rep).sum().double()
-                acc[3] += (targets & rep).sum()
+                if has_replay:  # masked sums, not `if rep.any()`: no host sync per micro-step
+                    rep = (batch["source"] == 1)[:, None]  # (B, 1): replay examples
+                    acc[2] += (ce.detach() * rep).sum().double()
+                    acc[3] += (targets & rep).sum()
         # Gradients are now reduced across ranks. Gradient-space regularizer terms (in place),
         # clipped together with the loss gradient (clip_scope "all") or added after the clip.
         if t.clip_scope == "loss":
