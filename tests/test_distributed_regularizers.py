@@ -2,7 +2,8 @@
 
 Three runs of the smoke model (tiny 2-layer Llama), each composing three regularizers::
 
-    ewc   (empirical Fisher, per example, on FISHER_EXAMPLES general-text examples)
+    ewc   (empirical Fisher, per example, on FISHER_EXAMPLES general-text examples, on the MLP
+           weights only: ``include: [mlp]``)
     l2_1  (L2-SP, coupled: gradient term before clipping)
     l2_2  (L2-SP, decoupled: pull toward theta0 after the optimizer step)
 
@@ -11,6 +12,7 @@ trained for MAX_STEPS optimizer steps with a global batch of 8:
     1 process   x micro 2 x accumulation 4   plain backend            (the reference)
     2 processes x micro 2 x accumulation 2   DDP                      (via torchrun)
     2 processes x micro 2 x accumulation 2   FSDP2 (sharded anchors)  (via torchrun)
+    1 process   x micro 2 x accumulation 4   no regularizer           (the naive run)
 
 What must hold:
 
@@ -26,8 +28,12 @@ What must hold:
   norm and per-regularizer logged value (``reg/ewc``, ``reg/l2_1``, ``reg/l2_2``) as the
   reference, with the tolerances of tests/test_distributed.py. Under FSDP the anchors are the
   local shards (each rank holds half of theta0) and the logged values are all-reduced.
+* Step 1 of every regularized run has the pre-clip gradient norm of the naive run: at theta0
+  every regularizer term is 0, so nothing else may enter the first step -- in particular not
+  the gradients that the Fisher estimate's backward passes leave on the parameters outside
+  ``include`` (1 process: the vmap path; DDP: per rank; FSDP: the per-example loop, in lockstep).
 
-Runtime: three launches, ~80 s on 2 shared cores.
+Runtime: four launches, ~100 s on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ REG_NAMES = ("ewc", "l2_1", "l2_2")
 REGULARIZERS: list[dict[str, Any]] = [
     {"type": "ewc", "lambda": 10.0, "estimator": "empirical",
      "fisher_data": {"path": str(GENERAL), "format": "text"},
-     "fisher_examples": FISHER_EXAMPLES, "fisher_batch_size": FISHER_BATCH},
+     "fisher_examples": FISHER_EXAMPLES, "fisher_batch_size": FISHER_BATCH,
+     "include": ["mlp"]},
     {"type": "l2", "lambda": 1.0, "variant": "coupled"},
     {"type": "l2", "lambda": 10.0, "variant": "decoupled"},
 ]
@@ -73,21 +80,24 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 
 
 # ----------------------------------------------------------------------------- helpers
-def config_dict(out_dir: Path, accum: int, **distributed: Any) -> dict[str, Any]:
+def config_dict(out_dir: Path, accum: int, regularizers: list[dict[str, Any]] | None = None,
+                **distributed: Any) -> dict[str, Any]:
     cfg = yaml.safe_load(SMOKE.read_text())
     cfg["data"]["train"].update(path=str(DATA), limit=64)
     cfg["training"].update(micro_batch_size=MICRO, gradient_accumulation_steps=accum,
                            max_steps=MAX_STEPS, log_every=1, eval_every=0, checkpoint_every=0)
-    cfg["regularizers"] = REGULARIZERS
+    cfg["regularizers"] = REGULARIZERS if regularizers is None else regularizers
     cfg["distributed"] = {"cpu": True, **distributed}
     cfg["output"] = {"dir": str(out_dir)}
     return cfg
 
 
-def train(root: Path, name: str, nproc: int, accum: int, **distributed: Any) -> Path:
+def train(root: Path, name: str, nproc: int, accum: int,
+          regularizers: list[dict[str, Any]] | None = None, **distributed: Any) -> Path:
     out = root / name
     config = root / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(config_dict(out, accum, **distributed), sort_keys=False))
+    config.write_text(yaml.safe_dump(config_dict(out, accum, regularizers, **distributed),
+                                     sort_keys=False))
     run_worker(config, nproc)
     return out
 
@@ -120,6 +130,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "reference": train(root, "reference", 1, ACCUM_1PROC),
         "ddp": train(root, "ddp", NPROC, ACCUM_2PROC, strategy="ddp"),
         "fsdp": train(root, "fsdp", NPROC, ACCUM_2PROC, strategy="fsdp"),
+        "naive": train(root, "naive", 1, ACCUM_1PROC, regularizers=[]),
     }
 
 
@@ -140,11 +151,13 @@ def test_reference_fisher_is_per_example_and_distinguishable(runs: dict[str, Pat
                              train_on_prompt=cfg.data.train_on_prompt, seed=cfg.seed,
                              limit=rc.fisher_examples)
     assert len(examples) == FISHER_EXAMPLES
+    assert ref and all(".mlp." in n for n in ref), sorted(ref)  # include: [mlp]
 
     def est(batch_size: int, estimator: str) -> dict[str, torch.Tensor]:
         batches = make_batches(examples, batch_size, tok.pad_token_id,
                                cfg.data.pad_to_multiple_of)
-        return estimate_fisher(model, batches, estimator, per_example="loop")
+        return estimate_fisher(model, batches, estimator, per_example="loop",
+                               params=[(n, p) for n, p in model.named_parameters() if n in ref])
 
     assert_fisher_close(est(FISHER_BATCH, "empirical"), ref, "in-process recomputation")
     # "Each rank's gradient averaged over the 2 ranks, then squared" = the batched estimator on
@@ -206,3 +219,54 @@ def test_regularizers_are_active(runs: dict[str, Path]) -> None:
         vals = [r[f"reg/{n}"] for r in logs]
         assert min(vals[1:]) > 1e-3, (n, vals)
     assert max(t.max().item() for t in fisher(runs["reference"]).values()) > 0
+
+
+@pytest.mark.parametrize("name", ["reference", "ddp", "fsdp"])
+def test_step_1_is_the_naive_step(name: str, runs: dict[str, Path]) -> None:
+    """At theta0 the three regularizer terms are 0: step 1's pre-clip gradient norm is the naive
+    run's (LOG_RTOL: the 2-process runs sum in another order). Fisher-example gradients left on
+    the parameters outside ``include`` made it 100-500x larger (890.7 vs 1.748 under FSDP)."""
+    got = step_logs(runs[name])[0]
+    ref = step_logs(runs["naive"])[0]
+    assert got["step"] == ref["step"] == 1
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=LOG_RTOL), (
+        f"{name}: step-1 gradient norm {got['grad_norm']:.6g} vs naive {ref['grad_norm']:.6g}")
+
+
+# ----------------------------------------------------------------------------- KL under DDP
+
+KL = [{"type": "kl", "lambda": 1.0, "temperature": 2.0, "fisher_batch_size": 2,
+       "data": {"path": str(GENERAL), "format": "text"}}]
+
+
+@pytest.fixture(scope="module")
+def kl_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """KL to the initial model: 1 process x accumulation 4 against DDP 2 x 2. KL batch
+    ``k = call * world_size + rank``: per optimizer step the 1-process run draws batches
+    0, 1, 2, 3 and the ranks 0, 2 / 1, 3 -- the same four batches, each penalty averaged over
+    the 4 micro-batches (1/n_micro per call, and DDP's mean over the 2 ranks)."""
+    root = tmp_path_factory.mktemp("dist_kl")
+    return {"reference": train(root, "kl_reference", 1, ACCUM_1PROC, regularizers=KL),
+            "ddp": train(root, "kl_ddp", NPROC, ACCUM_2PROC, regularizers=KL, strategy="ddp")}
+
+
+def test_two_process_kl_equals_one_process(kl_runs: dict[str, Path]) -> None:
+    out, reference = kl_runs["ddp"], kl_runs["reference"]
+    for rep in reports(out):
+        assert rep["world_size"] == NPROC and rep["wrapper"] == "DistributedDataParallel", rep
+    ref_w = load_file(str(reference / "model" / "model.safetensors"))
+    got_w = load_file(str(out / "model" / "model.safetensors"))
+    diff = max_abs_diff(got_w, ref_w)
+    print(f"\nkl ddp: max |w_2proc - w_1proc| = {diff:.3e}")
+    for k in ref_w:
+        torch.testing.assert_close(got_w[k], ref_w[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: (
+            f"kl ddp: {k} differs from the 1-process run (max diff {diff:.3e}): {m}"))
+    ref_log, got_log = step_logs(reference), step_logs(out)
+    assert [r["step"] for r in got_log] == [r["step"] for r in ref_log] == \
+        list(range(1, MAX_STEPS + 1))
+    for a, b in zip(got_log, ref_log, strict=True):
+        for key in ("loss", "grad_norm", "reg/kl"):
+            assert a[key] == pytest.approx(b[key], rel=LOG_RTOL, abs=1e-12), (key, a, b)
+    # not vacuous: KL is exactly 0 at theta0 (step 1), of a visible size once the weights moved
+    vals = [r["reg/kl"] for r in ref_log]
+    assert vals[0] == pytest.approx(0.0, abs=1e-9) and min(vals[1:]) > 1e-6, vals

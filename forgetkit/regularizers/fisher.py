@@ -202,6 +202,33 @@ def _right_padded(attention_mask: torch.Tensor | None) -> bool:
     return bool((am[:, 1:] <= am[:, :-1]).all())
 
 
+# Fewer target tokens than this could all equal their input token by chance (a repeated token
+# such as "aa"); from this many on, "every target equals its input" means unshifted labels.
+_UNSHIFTED_MIN_TARGETS = 4
+
+
+def _check_shifted(batches: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    """Raise if the labels are not pre-shifted: ``labels[t] == input_ids[t]`` at every target
+    position of every batch (with pre-shifted labels that needs every target token to repeat
+    the one before it)."""
+    n_targets = n_equal = 0
+    for b in batches:
+        ids, labels = b["input_ids"], b["labels"]
+        if ids.shape != labels.shape:
+            raise ValueError(f"estimate_fisher: labels {tuple(labels.shape)} and input_ids "
+                             f"{tuple(ids.shape)} differ in shape")
+        tgt = labels != IGNORE_INDEX
+        n_targets += int(tgt.sum())
+        n_equal += int((tgt & (labels == ids)).sum())
+    if n_targets >= _UNSHIFTED_MIN_TARGETS and n_equal == n_targets:
+        raise ValueError(
+            f"estimate_fisher: the labels equal input_ids at all {n_targets} target positions: "
+            "they are unshifted (the Hugging Face convention, where the model shifts them "
+            "internally). forgetkit expects pre-shifted labels (labels[t] is the token after "
+            "position t, as forgetkit.data builds them): shift them, e.g. "
+            "labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)")
+
+
 class _VmapUnavailable(RuntimeError):
     pass
 
@@ -240,7 +267,8 @@ def estimate_fisher(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
     """Diagonal Fisher of ``model`` on ``batches`` (see the module docstring for the math).
 
     The model is put in eval mode (no dropout) for the estimate and restored afterwards; the
-    parameters' ``.grad`` are left as None.
+    parameters' ``.grad`` (of every parameter of ``model``, selected or not) are restored to what
+    they were: the estimate leaves no gradient behind for the caller's next optimizer step.
 
     Args:
         model: the *unwrapped* module (no DDP gradient averaging), called as
@@ -267,6 +295,12 @@ def estimate_fisher(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
     Returns:
         name -> fp32 tensor shaped like the (local) parameter: the Fisher diagonal, averaged over
         the global number of examples (``batched``: over the number of batches).
+
+    Raises:
+        ValueError: an unknown estimator, no batches or parameters, or unshifted labels (equal to
+            ``input_ids`` at every target position, the Hugging Face convention where the model
+            shifts internally): the loss computed here would score predicting the *current*
+            token, a wrong Fisher without any error.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown Fisher estimator {estimator!r}; expected one of {ESTIMATORS}")
@@ -278,6 +312,7 @@ def estimate_fisher(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
         raise ValueError("estimate_fisher: no parameter requires grad")
     if not batches:
         raise ValueError("estimate_fisher: no batches")
+    _check_shifted(batches)
     sharded = any(is_dtensor(p) for _, p in named)
     device = local_tensor(named[0][1]).device
     acc = {n: torch.zeros(local_tensor(p).shape, dtype=torch.float32, device=device)
@@ -295,14 +330,20 @@ def estimate_fisher(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
 
     was_training = model.training
     model.eval()
-    saved_grads = {n: p.grad for n, p in named}
-    for _, p in named:
+    # Every ``.backward()`` below fills ``.grad`` of *every* trainable parameter of ``model``,
+    # not only of the selected ones (``include``/``exclude``): save and clear all of them, clear
+    # all after each backward, restore all at the end. Otherwise the caller's next optimizer step
+    # would add the sum of the Fisher examples' gradients to its own.
+    everything = list(dict.fromkeys([*model.parameters(), *(p for _, p in named)]))
+    saved_grads = [p.grad for p in everything]
+    for p in everything:
         p.grad = None
 
     def add_sq(weight: float) -> None:
         for n, p in named:
             if p.grad is not None:
                 acc[n].add_(local_tensor(p.grad).float().pow(2), alpha=weight)
+        for p in everything:
             p.grad = None
 
     try:
@@ -346,8 +387,8 @@ def estimate_fisher(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
                     _nll_sum(logits, y).backward(retain_graph=s < len(label_sets) - 1)
                     add_sq(weight)
     finally:
-        for n, p in named:
-            p.grad = saved_grads[n]
+        for p, g in zip(everything, saved_grads, strict=True):
+            p.grad = g
         model.train(was_training)
 
     count = len(batches) if estimator == "batched" else offsets[-1]
