@@ -16,7 +16,7 @@ PIPC := $(BIN)/pip install --disable-pip-version-check -q $(if $(CONSTRAINTS),-c
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo smoke test test-fast lint bench clean
+.PHONY: install demo smoke test test-fast test-matrix lint bench clean
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The suite under every CPU kernel set this machine supports x 1 and 2 threads (one full run
+# each; see tests/matrix.sh). Not part of CI: run it when a change touches numerics or tolerances.
+test-matrix: $(STAMP)
+	bash tests/matrix.sh $(PY)
 
 lint: $(STAMP)
 	$(BIN)/ruff check forgetkit tests benchmarks

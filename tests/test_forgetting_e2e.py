@@ -10,37 +10,41 @@ built from the config by ``build_regularizers``):
   (``model.name_or_path`` = the theta_A directory, tokenizer read from there too), four times
   with the same seed, data order and optimizer: naive, L2-SP (coupled, lambda L2_LAMBDA), EWC
   (empirical Fisher on task-A training data, lambda EWC_LAMBDA) and replay (task-A training data
-  mixed in at REPLAY_RATIO);
+  mixed in at REPLAY_RATIO). The gradient clip acts on the loss gradient only
+  (``clip_scope: loss``): the coupled L2-SP/EWC terms are added after it, so a stiff EWC term
+  cannot shrink the task gradient of every weight (see results/ewc_medical: inside the clip,
+  EWC made forgetting worse; here it removed as little as 11 % of naive's rise on some CPUs);
 * held-out losses (mean per answer token, on words seen in neither training set) of both tasks
   are measured for theta_A and every fine-tuned model.
 
-Task B overwrites what A needs: uppercase answers move the output distribution away from the
-lowercase letters A answers with. Naive fine-tuning takes task-A loss from ~2.3 to ~4.6 nats.
+Why the verdicts are *relative*. 230 optimizer steps from a random init are a chaotic
+trajectory: the last-bit differences between CPU kernels (Intel/AMD, ``ATEN_CPU_CAPABILITY``
+default / avx2 / avx512) grow until two machines train visibly different models, with the same
+distribution of outcomes. Naive's rise of task-A loss was 0.72 nats on an AVX-512 Xeon and
+1.76 / 2.31 on an AMD EPYC with default / AVX2 kernels, same seed. So no fixed nats margin holds
+everywhere; what holds is the *shape*: naive forgets a good part of what A learned and each
+mitigation removes a part of that rise. The thresholds below come from the distribution of
+those fractions over 11 perturbed trajectories (stage seeds 0-5 x default/AVX2 kernels on an
+AMD EPYC; a seed changes the trajectory far more than a kernel set does, so this over-samples
+the machine-to-machine spread; ``OMP_NUM_THREADS`` 1 vs 2 gave bit-identical results):
 
-Measured while writing this test (theta_A from init seed 0 unless noted; task-A loss after B):
+    quantity (this file's settings)                        min    mean   max
+    naive rise / what A learned  (init - theta_A)          0.20   0.64   1.29
+    share of naive's rise removed, L2-SP (lambda 1)        0.23   0.63   0.86
+                                   EWC (lambda 1e3)        0.48   0.79   1.00
+                                   replay (30 %)           0.62   0.80   0.95
+    share of naive's task-B gain kept, every mitigation    0.72   0.88   1.08
 
-    B seed   naive   L2(3)   EWC(1e3)   replay(.3)   smallest gap to naive
-    0        4.58    3.23    2.45       2.42         1.35 (L2)
-    1        4.29    3.02    2.37       2.55         1.27 (L2)
-    2        4.81    3.32    2.55       2.44         1.49 (L2)
-    3        5.04    3.40    2.56       2.48         1.64 (L2)
-    theta_A from init seed 1 (and stage-A seed 1):
-    0        3.97    3.31    3.25       2.76         0.66 (L2)
-    1        4.14    3.28    3.27       2.81         0.87 (L2)
+* FORGOTTEN_SHARE = 0.10: naive loses at least 10 % of what stage A learned (observed >= 20 %).
+* REMOVED_SHARE = 0.125: each mitigation removes at least 1/8 of naive's rise (observed >= 23 %;
+  for L2-SP that is 2.2 standard deviations below its mean 0.63, sd 0.18). A mitigation that is
+  inactive or acts the wrong way removes 0 or less.
+* MEAN_REMOVED_SHARE = 1/3: the three together remove at least a third on average (observed
+  >= 0.53).
+* KEPT_GAIN_SHARE = 0.5: every run keeps at least half of naive's task-B improvement (observed
+  >= 0.72): the mitigations do not win by not learning B.
 
-Seed noise of the naive task-A loss: std 0.32 over the four B seeds (range 0.75); the smallest
-naive-minus-mitigation gap over all six runs is 0.66 nats. MARGIN = 0.5 nats is above the
-seed standard deviation and below every gap observed. Task-B loss goes from ~7.6 (theta_A) to
-~3.6 (naive) and ~3.8-4.4 (mitigations): the mitigations keep most of the learning.
-
-Why EWC needs lambda ~1e3 here while L2-SP works at 1-10: the Fisher is a per-example sum over
-answer tokens, heavy-tailed (mean ~0.1, median ~3e-4) and small exactly on the weights task B
-needs most -- the embedding rows of the uppercase letters (tied with the output layer) have ~100x
-less Fisher than the lowercase ones, since task A never predicts them. With lambda = 100, EWC
-barely helped (task-A loss 4.39 vs naive 4.53, in a first variant with batch 16 x 40 steps);
-at 1e3 it is the strongest of the three on this theta_A, at 1e4 task B is mostly blocked.
-
-Runtime: ~45 s on one (shared) CPU core.
+Runtime: ~30-45 s on one (shared) CPU core.
 """
 
 from __future__ import annotations
@@ -70,10 +74,15 @@ MAX_LENGTH = 64
 A_STEPS, A_LR = 200, 3e-3
 B_STEPS, B_LR, B_BATCH = 30, 1e-3, 32
 SEED = 0
-L2_LAMBDA = 3.0
+L2_LAMBDA = 1.0
 EWC_LAMBDA = 1000.0
 REPLAY_RATIO = 0.3
-MARGIN = 0.5  # nats per answer token; see the module docstring for the measured noise
+B_CLIP_SCOPE = "loss"
+# Thresholds, all relative to what this test measures; see the module docstring for the data.
+FORGOTTEN_SHARE = 0.10
+REMOVED_SHARE = 0.125
+MEAN_REMOVED_SHARE = 1 / 3
+KEPT_GAIN_SHARE = 0.5
 
 TASK_A = ("Reverse.", lambda w: w[::-1])
 TASK_B = ("Uppercase.", str.upper)
@@ -99,13 +108,14 @@ def _spec(path: Path) -> dict[str, Any]:
 
 
 def _config(out: Path, model: dict[str, Any], data: Path, steps: int, lr: float,
-            batch: int, regularizers: Sequence[dict[str, Any]] = ()) -> Any:
+            batch: int, regularizers: Sequence[dict[str, Any]] = (),
+            clip_scope: str = "all") -> Any:
     return config_from_dict({
         "name": out.name, "seed": SEED, "model": model,
         "data": {"train": _spec(data), "validation_fraction": 0.0, "max_length": MAX_LENGTH},
         "training": {"micro_batch_size": batch, "max_steps": steps, "lr": lr,
                      "warmup_ratio": 0.1, "scheduler": "cosine", "log_every": 10,
-                     "resume": False},
+                     "resume": False, "clip_scope": clip_scope},
         "regularizers": list(regularizers),
         "output": {"dir": str(out)},
     })
@@ -159,7 +169,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     start = {"name_or_path": str(theta_a)}  # the HF checkpoint dir (tokenizer saved with it)
     for name, regs in methods.items():
         run_dir = root / f"task_b_{name}"
-        model_dir = _run(_config(run_dir, start, b_train, B_STEPS, B_LR, B_BATCH, regs))
+        model_dir = _run(_config(run_dir, start, b_train, B_STEPS, B_LR, B_BATCH, regs,
+                                 clip_scope=B_CLIP_SCOPE))
         out[name] = {"A": heldout_loss(model_dir, a_test), "B": heldout_loss(model_dir, b_test)}
         logs = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
         out[name]["logged"] = logs
@@ -168,25 +179,49 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     return out
 
 
+def _removed_share(results: dict[str, dict[str, Any]], method: str) -> float:
+    """Share of naive's rise of task-A loss that ``method`` did not suffer."""
+    a, naive, got = results["theta_A"]["A"], results["naive"]["A"], results[method]["A"]
+    return (naive - got) / (naive - a)
+
+
 def test_task_a_is_learned_then_forgotten(results: dict[str, dict[str, Any]]) -> None:
     """theta_A learned task A (far below the random init), and naive fine-tuning on B forgets
-    much of it: the mitigations have something to mitigate."""
-    init, theta_a, naive = results["init"], results["theta_A"], results["naive"]
-    assert theta_a["A"] < init["A"] - 2.0, (init, theta_a)
-    assert naive["A"] > theta_a["A"] + 2 * MARGIN, (theta_a, naive)
+    a good part of it: the mitigations have something to mitigate."""
+    init, theta_a, naive = results["init"]["A"], results["theta_A"]["A"], results["naive"]["A"]
+    learned, rise = init - theta_a, naive - theta_a
+    assert learned > 2.0, f"stage A learned only {learned:.3f} nats (init {init:.3f})"
+    assert rise > FORGOTTEN_SHARE * learned, (
+        f"naive fine-tuning on B raised task-A loss by {rise:.3f} nats, < {FORGOTTEN_SHARE:.0%} "
+        f"of the {learned:.3f} that stage A learned: too little forgetting to test mitigations")
 
 
 @pytest.mark.parametrize("method", ["l2", "ewc", "replay"])
 def test_mitigation_keeps_task_a(method: str, results: dict[str, dict[str, Any]]) -> None:
-    naive, got = results["naive"], results[method]
-    assert got["A"] < naive["A"] - MARGIN, (method, got["A"], naive["A"])
+    share = _removed_share(results, method)
+    rise = results["naive"]["A"] - results["theta_A"]["A"]
+    assert share > REMOVED_SHARE, (
+        f"{method} removed {share:.1%} of naive's rise of task-A loss ({rise:.3f} nats; task-A "
+        f"loss {results[method]['A']:.3f} vs naive {results['naive']['A']:.3f}, theta_A "
+        f"{results['theta_A']['A']:.3f}), expected > {REMOVED_SHARE:.1%}")
+
+
+def test_mitigations_together_remove_a_third(results: dict[str, dict[str, Any]]) -> None:
+    shares = {m: _removed_share(results, m) for m in ("l2", "ewc", "replay")}
+    mean = sum(shares.values()) / len(shares)
+    assert mean > MEAN_REMOVED_SHARE, (
+        f"mean share of naive's rise removed {mean:.1%} <= {MEAN_REMOVED_SHARE:.1%}: "
+        + ", ".join(f"{m} {v:.1%}" for m, v in shares.items()))
 
 
 @pytest.mark.parametrize("method", ["naive", "l2", "ewc", "replay"])
 def test_task_b_is_still_learned(method: str, results: dict[str, dict[str, Any]]) -> None:
-    """Each run keeps at least half of naive fine-tuning's task-B improvement over theta_A."""
+    """Each run keeps at least KEPT_GAIN_SHARE of naive fine-tuning's task-B improvement."""
     before, naive, got = results["theta_A"]["B"], results["naive"]["B"], results[method]["B"]
-    assert got < before - 0.5 * (before - naive), (method, before, naive, got)
+    kept = (before - got) / (before - naive)
+    assert kept > KEPT_GAIN_SHARE, (
+        f"{method} kept {kept:.1%} of naive's task-B gain (task-B loss {got:.3f}; theta_A "
+        f"{before:.3f}, naive {naive:.3f}), expected > {KEPT_GAIN_SHARE:.0%}")
 
 
 def test_the_mitigations_were_active(results: dict[str, dict[str, Any]]) -> None:
