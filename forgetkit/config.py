@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -27,6 +28,7 @@ import yaml
 
 __all__ = [
     "ConfigError",
+    "FORMAT_FIELDS",
     "ModelConfig",
     "DatasetSpec",
     "DataConfig",
@@ -41,6 +43,8 @@ __all__ = [
     "Config",
     "load_config",
     "config_from_dict",
+    "check_slug",
+    "check_complete",
     "apply_overrides",
     "parse_overrides",
     "config_to_dict",
@@ -50,6 +54,15 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A user-facing configuration error; its message is one line, shown without a traceback."""
+
+
+# Template fields of each data format (the keys a DatasetSpec's ``fields:`` may map to columns).
+# forgetkit.data.templates reads its defaults from here, so the schema and the templates agree.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "instruction": ("instruction", "input", "output"),
+    "chat": ("messages", "instruction", "input", "output"),
+    "text": ("text",),
+}
 
 
 def _f(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
@@ -156,7 +169,6 @@ class DistributedConfig:
 class OutputConfig:
     dir: str = _f("runs/{name}", doc="output directory; {name} expands to the config's name")
     save_model: bool = _f(True)
-    overwrite: bool = _f(False)
 
 
 @dataclass
@@ -257,6 +269,31 @@ class Config:
 # Keys accepted as aliases in YAML (``lambda`` is a Python keyword).
 _ALIASES = {RegularizerConfig: {"lambda": "lam"}}
 
+# Keys that once existed: a config that still sets one fails with what to use instead (a key
+# accepted and ignored would let a user believe it did something).
+_REMOVED = {OutputConfig: {"overwrite": "removed (it was never read); to replace a finished "
+                                        "run, pass --force to forgetkit.run"}}
+
+# A name that becomes a directory (experiment, arm): no path separators, no '.'/'..', nothing a
+# shell or a file system treats specially. '+' is allowed beyond the issue's ._-=@ because the
+# shipped experiments (and their results directories) name combined arms so: 'ewc+replay10'.
+_SLUG_CHARS = r"A-Za-z0-9._=@+-"
+_SLUG_RE = re.compile(f"^[{_SLUG_CHARS}]+$")
+
+
+def check_slug(value: str, key: str, src: str) -> None:
+    """Reject a name that is not safe as one path component (it names a directory).
+
+    ``name: ../../x`` would write outside the output and results directories; an arm named
+    ``../victim`` with ``--force`` would delete outside them.
+    """
+    if not value or not _SLUG_RE.match(value) or value in (".", ".."):
+        bad = sorted({c for c in value if not re.match(f"[{_SLUG_CHARS}]", c)})
+        why = (f" (it contains {', '.join(repr(c) for c in bad)})" if bad else
+               " (empty)" if not value else " ('.' and '..' are not names)")
+        raise ConfigError(f"{src}: {key}: {value!r} is not a safe name{why}; use letters, "
+                          "digits and ._-=@+ only")
+
 
 # ----------------------------------------------------------------------------- loading
 
@@ -287,6 +324,7 @@ def _coerce(tp: Any, value: Any, key: str, src: str) -> Any:
             f"{src}: {key}: expected {expected or _type_name(tp)}, got {value!r}")
 
     if tp is Any:
+        _check_finite(value, key, src)
         return value
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -339,9 +377,11 @@ def _coerce(tp: Any, value: Any, key: str, src: str) -> Any:
         fail()
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_finite(value, key, src)
             return float(value)
         # PyYAML reads "1e-5" (no dot) as a string: accept numeric strings.
         if isinstance(value, str) and _NUM_RE.match(value.strip()):
+            _check_finite(float(value), key, src)  # 1e999 overflows to inf
             return float(value)
         fail()
     if tp is str:
@@ -351,6 +391,22 @@ def _coerce(tp: Any, value: Any, key: str, src: str) -> Any:
             return str(value)
         fail()
     raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in the schema
+
+
+def _check_finite(value: Any, key: str, src: str) -> None:
+    """Reject inf/nan (YAML ``.inf``, ``.nan``) anywhere a number is read, nested values too.
+
+    No setting of forgetkit means anything at infinity: ``lr: .inf`` used to train (and, on a
+    resumed run, rewrite the run's files) with NaN weights.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{src}: {key}: expected a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}", src)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]", src)
 
 
 def _check_range(f: dataclasses.Field, value: Any, key: str, src: str) -> None:
@@ -383,10 +439,13 @@ def _build(cls: type, raw: Any, where: str, src: str) -> Any:
     hints = get_type_hints(cls)
     fmap = {f.name: f for f in dataclasses.fields(cls)}
     aliases = _ALIASES.get(cls, {})
+    removed = _REMOVED.get(cls, {})
     kwargs: dict[str, Any] = {}
     for k, v in raw.items():
         name = aliases.get(k, k)
         dotted = f"{where}.{k}" if where else str(k)
+        if name not in fmap and k in removed:
+            raise ConfigError(f"{src}: {dotted}: {removed[k]}")
         if name not in fmap:
             valid = sorted(set(fmap) | set(aliases))
             near = difflib.get_close_matches(str(k), valid, n=1, cutoff=0.5)
@@ -416,6 +475,14 @@ def _dataset_check(self: DatasetSpec, where: str, src: str) -> None:
     if bool(self.path) == bool(self.name):
         raise ConfigError(f"{src}: {where}: expected exactly one of 'path' (local file or alias) "
                           f"or 'name' (hub dataset), got {'both' if self.path else 'neither'}")
+    valid = FORMAT_FIELDS[self.format]
+    for k in self.fields:
+        if k not in valid:
+            near = difflib.get_close_matches(k, valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise ConfigError(f"{src}: {where}.fields.{k}: not a field of format "
+                              f"'{self.format}'; {hint}(its fields: {', '.join(valid)}; "
+                              "fields maps a field to your column name)")
 
 
 def _training_check(self: TrainingConfig, where: str, src: str) -> None:
@@ -448,16 +515,52 @@ def _reg_check(self: RegularizerConfig, where: str, src: str) -> None:
         raise ConfigError(f"{src}: {where}.ratio: expected a value > 0 and < 1, got {self.ratio}")
 
 
+def _arm_check(self: ArmSpec, where: str, src: str) -> None:
+    check_slug(self.name, f"{where}.name", src)
+
+
+_METRIC_FIELDS = {
+    "lm_eval": {"task", "metric", "include_path", "num_fewshot"},
+    "perplexity": {"data", "max_length"},
+    "answer_nll": {"data", "max_length"},
+    "generation": {"data", "max_length", "max_new_tokens"},
+}
+
+
 def _metric_check(self: MetricSpec, where: str, src: str) -> None:
     if self.kind == "lm_eval" and not self.task:
         raise ConfigError(f"{src}: {where}.task: an lm_eval metric needs a task name")
     if self.kind != "lm_eval" and self.data is None:
         raise ConfigError(f"{src}: {where}.data: a '{self.kind}' metric needs a data source")
+    allowed = _METRIC_FIELDS[self.kind] | {"name", "kind", "limit"}
+    defaults = MetricSpec(kind=self.kind)
+    for f in dataclasses.fields(self):
+        if f.name not in allowed and getattr(self, f.name) != getattr(defaults, f.name):
+            raise ConfigError(f"{src}: {where}.{f.name}: not used by a metric of kind "
+                              f"'{self.kind}' (its keys: {', '.join(sorted(allowed))})")
+    # what each kind reads from its records (the harness found a mismatch only minutes in)
+    fmt = self.data.format if self.data is not None else None
+    if self.kind == "perplexity" and fmt != "text":
+        raise ConfigError(f"{src}: {where}.data.format: a perplexity metric scores raw text, got "
+                          f"format '{fmt}'; use kind: answer_nll for {fmt} data, or text data")
+    if self.kind in ("answer_nll", "generation") and fmt == "text":
+        raise ConfigError(f"{src}: {where}.data.format: a {self.kind} metric needs a prompt and "
+                          "a response, got format 'text'; use kind: perplexity, or "
+                          "instruction/chat data")
     if not self.name:
         self.name = self.task or self.kind
 
 
 def _config_check(self: Config, where: str, src: str) -> None:
+    check_slug(self.name, "name", src)
+    seen: dict[str, str] = {}
+    for group in ("task", "general"):
+        for i, m in enumerate(getattr(self.evaluation, group)):
+            key = f"evaluation.{group}[{i}].name"
+            if m.name in seen:  # results are keyed by name: the second would overwrite the first
+                raise ConfigError(f"{src}: {key}: {m.name!r} is already the name of "
+                                  f"{seen[m.name]}; metric names must be unique (set name:)")
+            seen[m.name] = key.removesuffix(".name")
     if self.training.clip_scope == "loss" and self.distributed.strategy == "deepspeed":
         raise ConfigError(f"{src}: training.clip_scope: 'loss' is not possible with "
                           "distributed.strategy 'deepspeed' (the engine clips inside its step, "
@@ -470,6 +573,7 @@ DatasetSpec._check = _dataset_check  # type: ignore[attr-defined]
 TrainingConfig._check = _training_check  # type: ignore[attr-defined]
 RegularizerConfig._check = _reg_check  # type: ignore[attr-defined]
 MetricSpec._check = _metric_check  # type: ignore[attr-defined]
+ArmSpec._check = _arm_check  # type: ignore[attr-defined]
 
 
 def parse_overrides(items: list[str], src: str = "command line") -> dict[str, Any]:
@@ -540,9 +644,11 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         line = " ".join(str(e).split())
         raise ConfigError(f"{path}: not valid YAML: {line}") from None
     if raw is None:
-        raw = {}
+        raise ConfigError(f"{path}: the config file is empty; expected a mapping with at least "
+                          "model: and data.train: (see experiments/smoke.yaml)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise ConfigError(f"{path}: expected a mapping at the top level (key: value lines), got "
+                          f"a {type(raw).__name__}")
     parent = raw.pop("extends", None)
     if parent is not None:
         if not isinstance(parent, str):
@@ -558,13 +664,24 @@ def config_from_dict(raw: dict[str, Any], src: str = "<config>") -> Config:
     return _build(Config, raw, "", src)
 
 
+def check_complete(cfg: Config, src: str) -> None:
+    """A config file must say which model and which training data: check the sections a file
+    left out as if it had written them empty (``config_from_dict`` builds them from defaults,
+    which a test may want; a user's file that omits ``model:`` used to crash much later with a
+    TypeError from deep inside datasets)."""
+    _model_check(cfg.model, "model", src)
+    _dataset_check(cfg.data.train, "data.train", src)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a YAML config. Raises ConfigError on any problem."""
     raw = read_yaml(path)
     over = parse_overrides(overrides or [])
     raw = apply_overrides(raw, over)
     src = str(path) + (" (with command-line overrides)" if over else "")
-    return config_from_dict(raw, src)
+    cfg = config_from_dict(raw, src)
+    check_complete(cfg, src)
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

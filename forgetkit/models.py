@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
+import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from forgetkit.config import ModelConfig
+from forgetkit.config import ConfigError, ModelConfig
 
 log = logging.getLogger("forgetkit")
 
@@ -75,6 +80,157 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
     if name in ALIASES:
         return ALIASES[name]()
     return name, None
+
+
+# Cheap checks for model aliases (name -> description; raises ConfigError): verify an alias can
+# resolve without doing its work (no GGUF conversion). Filled by forgetkit.assets.
+ALIAS_CHECKS: dict[str, Callable[[], str]] = {}
+
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids downloads."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no", "off")
+
+
+def hub_cached(repo_id: str, filename: str = "config.json", revision: str | None = None) -> bool:
+    """Whether ``filename`` of a hub model is in the local HF cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+    except Exception:  # noqa: BLE001 - a malformed id or cache: not cached
+        return False
+
+
+def _check_location(name: str, key: str, gguf: str | None = None, revision: str | None = None,
+                    tokenizer: bool = False) -> str:
+    """A local directory (holding a config or the named GGUF file) or a hub id; see check_model."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        if p.suffix == ".gguf":
+            raise ConfigError(f"{key}: {name!r} is a GGUF file; set {key} to its directory "
+                              f"({str(p.parent)!r}) and model.gguf_file to {p.name!r}")
+        raise ConfigError(f"{key}: {name!r} is a file; expected a model directory (holding "
+                          "config.json), a hub id or an alias")
+    if p.is_dir():
+        ggufs = sorted(x.name for x in p.glob("*.gguf"))
+        if gguf:
+            if not (p / gguf).is_file():
+                near = difflib.get_close_matches(gguf, ggufs, n=1, cutoff=0.5)
+                hint = (f"; did you mean {near[0]!r}?" if near else
+                        f"; the directory has {', '.join(ggufs) or 'no .gguf file'}")
+                raise ConfigError(f"model.gguf_file: {gguf!r} is not in {name!r}{hint}")
+            return f"local GGUF file {p / gguf}"
+        wanted = (("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+                  if tokenizer else ("config.json",))
+        if not any((p / w).is_file() for w in wanted):
+            hint = (f"; it has {', '.join(ggufs)}: set model.gguf_file" if ggufs else
+                    "; is this the checkpoint directory (save_pretrained writes config.json)?")
+            raise ConfigError(f"{key}: directory {name!r} holds no {' or '.join(wanted)}{hint}")
+        return f"local {'tokenizer' if tokenizer else 'checkpoint'} {p}"
+    aliases = sorted(ALIASES)
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local or not _HUB_ID_RE.match(name):
+        near = difflib.get_close_matches(name, aliases, n=1, cutoff=0.6)
+        hint = f"; did you mean the alias {near[0]!r}?" if near else ""
+        raise ConfigError(f"{key}: {name!r}: no such directory (and not a hub id or an alias)"
+                          f"{hint}")
+    if hub_offline():
+        filename = gguf or ("tokenizer_config.json" if tokenizer else "config.json")
+        if not hub_cached(name, filename, revision):
+            near = difflib.get_close_matches(name, aliases, n=1, cutoff=0.6)
+            hint = f"; did you mean the alias {near[0]!r}?" if near else ""
+            raise ConfigError(f"{key}: {name!r} is neither a local directory nor in the local HF "
+                              "cache, and HF_HUB_OFFLINE is set; download it once online "
+                              f"(hf download {name}), or give a local directory{hint}")
+        return f"hub model {name!r} (in the local HF cache)"
+    return f"hub id {name!r} (downloaded when the run starts)"
+
+
+# accepted by transformers' config classes outside their signatures (popped or converted)
+_LEGACY_CONFIG_KEYS = {"attn_implementation", "rope_theta", "rope_scaling", "torch_dtype",
+                       "dtype", "use_cache", "tie_word_embeddings"}
+
+
+def _check_random_init(cfg: ModelConfig) -> str:
+    """Build the random-init model on the meta device: a bad config dict fails here, in a
+    fraction of a second, with the key named, instead of as a transformers traceback later."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    assert cfg.random_init is not None
+    spec = dict(cfg.random_init)
+    model_type = str(spec.pop("model_type"))
+    if model_type not in CONFIG_MAPPING:
+        near = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"model.random_init.model_type: {model_type!r} is not a transformers "
+                          f"model type{hint}")
+    cls = CONFIG_MAPPING[model_type]
+    from transformers import PretrainedConfig
+
+    known = set(inspect.signature(cls.__init__).parameters) | set(
+        inspect.signature(PretrainedConfig.__init__).parameters) | _LEGACY_CONFIG_KEYS
+    try:
+        default: Any = cls()
+    except Exception:  # noqa: BLE001 - a config without defaults: check names by signature only
+        default = None
+    # A typo (hidden_sise) is kept by transformers as a stray attribute and silently ignored.
+    # Only a key that is close to a real one is refused: a config class may accept keys its
+    # signature does not show, and a false alarm would block a valid model.
+    valid = sorted(known - {"self", "kwargs"})
+    for k in spec:
+        if k in known or hasattr(default, k):
+            continue
+        near = difflib.get_close_matches(k, valid, n=1, cutoff=0.85)
+        if near:
+            raise ConfigError(f"model.random_init.{k}: not a setting of a {model_type!r} config; "
+                              f"did you mean {near[0]!r}?")
+    spec.setdefault("vocab_size", 259)  # the byte tokenizer's size; the real one is set on load
+    try:
+        config = AutoConfig.for_model(model_type, **spec)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"model.random_init: cannot build a {model_type!r} causal LM from it: "
+                          f"{type(e).__name__}: {msg[:300]}") from None
+    n = sum(p.numel() for p in model.parameters())
+    return f"random init {model_type} ({human_count(n)} parameters)"
+
+
+def check_model(cfg: ModelConfig) -> str:
+    """Verify the model (and tokenizer) a config names, in seconds, loading no weights.
+
+    A ``random_init`` dict is built on the meta device; a local path must exist and hold a
+    config (or the named GGUF file); an alias must resolve (without converting anything); a hub
+    id is accepted online and, under ``HF_HUB_OFFLINE``, only when it is in the local HF cache.
+    Returns a one-line description; raises ConfigError naming the key and the fix.
+    """
+    if cfg.random_init is not None:
+        found = _check_random_init(cfg)
+    elif not cfg.name_or_path:
+        raise ConfigError("model.name_or_path: expected a hub id, directory or alias (or "
+                          "model.random_init for a random-init model), got nothing")
+    elif cfg.name_or_path in ALIASES:
+        if cfg.gguf_file:
+            raise ConfigError(f"model.gguf_file: the alias {cfg.name_or_path!r} chooses its own "
+                              "weights; remove model.gguf_file")
+        check = ALIAS_CHECKS.get(cfg.name_or_path)
+        found = f"alias {cfg.name_or_path!r} -> " + (check() if check else "registered")
+    else:
+        found = _check_location(cfg.name_or_path, "model.name_or_path", cfg.gguf_file,
+                                cfg.revision)
+    if cfg.tokenizer and cfg.tokenizer != "byte" and cfg.tokenizer != cfg.name_or_path:
+        if cfg.tokenizer in ALIASES:
+            check = ALIAS_CHECKS.get(cfg.tokenizer)
+            tok = f"alias {cfg.tokenizer!r}" + (f" -> {check()}" if check else "")
+        else:
+            tok = _check_location(cfg.tokenizer, "model.tokenizer", None, None, tokenizer=True)
+        found += f"; tokenizer {tok}"
+    return found
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:

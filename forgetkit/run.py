@@ -4,7 +4,14 @@ Scores the base model, fully fine-tunes every arm for every seed, scores again, 
 ``results/<experiment>/`` (see forgetkit.results). Options::
 
     --arms naive,ewc     only these arms          --seeds 0,1    these seeds instead
-    --dry-run            print the plan and exit  --force        recompute finished runs
+    --dry-run            print the plan and the checks, run nothing
+    --force              recompute finished runs (each old run is kept until its new one succeeded)
+    --debug              full tracebacks
+
+Before anything is evaluated, trained or deleted, every run is checked (data, model, tasks,
+device, launcher), every finished run is compared with its requested config, and the results
+directory's lock is tried. Exit status: 0 every run succeeded; 1 some failed (one line names
+them); 2 bad input or a check failed; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from forgetkit.cli import guarded, setup_logging
+from forgetkit.cli import debug_enabled, guarded, setup_logging
 from forgetkit.config import ConfigError, apply_overrides, parse_overrides, read_yaml
 
 
@@ -31,12 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides (all arms)")
     ap.add_argument("--arms", help="comma-separated arm names to run")
     ap.add_argument("--seeds", help="comma-separated seeds (replaces experiment.seeds)")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
-    ap.add_argument("--force", action="store_true", help="recompute finished runs")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and checks; run nothing")
+    ap.add_argument("--force", action="store_true",
+                    help="recompute finished runs (an old run is deleted only once its "
+                         "replacement has succeeded)")
+    ap.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = ap.parse_intermixed_args(argv)  # options and overrides in any order
 
     from forgetkit import assets  # noqa: F401  (registers model and dataset aliases)
-    from forgetkit.runner import describe_plan, plan_runs, run_experiment
+    from forgetkit.preflight import raise_on_problems
+    from forgetkit.runner import (
+        check_plan,
+        describe_plan,
+        format_checks,
+        plan_runs,
+        run_experiment,
+    )
 
     raw = read_yaml(args.config)
     over = parse_overrides(args.overrides)
@@ -45,13 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
     seeds = _int_list(args.seeds) if args.seeds else None
     base, runs = plan_runs(raw, src, arms, seeds)  # every arm validated before anything runs
+    checks = check_plan(base, runs, force=args.force)  # inputs, finished runs, the lock
     print(describe_plan(base, runs), file=sys.stderr)
     if args.dry_run:
+        print("checks:\n" + format_checks(checks), file=sys.stderr)
+    raise_on_problems(checks, src)
+    if args.dry_run:
         return 0
-    setup_logging()
-    root = run_experiment(base, runs, force=args.force)
-    print(f"results: {root}/summary.csv", file=sys.stderr)
-    return 0
+    setup_logging(debug_enabled(argv))
+    outcome = run_experiment(base, runs, force=args.force, src=src, checks=checks)
+    print(f"results: {outcome.root}/summary.csv", file=sys.stderr)
+    print(f"forgetkit: {outcome.message()}", file=sys.stderr)
+    return 0 if outcome.ok else 1
 
 
 if __name__ == "__main__":

@@ -2,48 +2,63 @@
 
 Stages per run, each reading the previous one's files:
 
-1. ``eval_before.json``: the base model scored once per (base model, evaluation settings) and
-   reused by every arm and seed that shares them (cache under ``_cache/``);
+1. ``eval_before.json``: the base model scored once per (base model, evaluation settings, data
+   digests) and reused by every arm and seed that shares them (cache under ``_cache/``);
 2. training in its own process (``python -m forgetkit.train`` or the configured launcher, e.g.
    torchrun), resuming from its newest checkpoint if an earlier attempt was killed;
 3. ``eval_after.json``: the saved checkpoint scored in this (non-distributed) process, plus
    optional WiSE-FT interpolations;
-4. ``summary.json`` (status ok / failed with the error) and the experiment's ``summary.csv``.
+4. ``summary.json`` (status ok / failed with the error line; the traceback goes to ``run.log``)
+   and the experiment's ``summary.csv``.
 
-A finished run (``summary.json`` with status ok) is skipped on a rerun unless ``force``.
+Before any of it (:func:`check_plan`): preflight of every run (data, model, tasks, device,
+launcher), whether each finished run still matches its requested config (``identity.json``),
+and whether the results directory is free. While it runs, :func:`run_experiment` holds the
+results directory's lock. A finished run is reused only while its identity matches; ``force``
+sets it aside under ``_replaced/`` and deletes it only once the new run has succeeded.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import glob
 import hashlib
 import itertools
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forgetkit.config import (
     ArmSpec,
     Config,
     ConfigError,
     apply_overrides,
+    check_complete,
+    check_slug,
     config_from_dict,
     config_to_dict,
     dump_config,
+    read_yaml,
 )
 from forgetkit.results import (
+    IDENTITY,
+    RUN_LOG,
     SUMMARY,
+    disk_full_line,
     environment,
+    is_disk_full,
     is_finished,
     read_json,
     run_dir,
@@ -51,7 +66,12 @@ from forgetkit.results import (
     write_text,
 )
 
+if TYPE_CHECKING:
+    from forgetkit.preflight import Check
+
 EVAL_SEED = 0
+REPLACED = "_replaced"  # finished runs set aside by --force until their replacement succeeds
+FAILED = "_failed"  # a --force attempt that failed, kept for its logs; the old run is restored
 
 log = logging.getLogger("forgetkit")
 
@@ -63,6 +83,97 @@ class RunSpec:
     grid: dict[str, Any]
     cfg: Config
     dir: Path
+    _identity: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm} seed {self.seed}"
+
+    def identity(self) -> dict[str, Any]:
+        """The run's identity (computed once: it hashes the data files); see
+        :func:`identity_of`."""
+        if self._identity is None:
+            self._identity = identity_of(self.cfg)
+        return self._identity
+
+
+def identity_of(cfg: Config) -> dict[str, Any]:
+    """``forgetkit.identity.run_identity`` with the runner's shared Fisher cache file named by
+    role, not path: the file's name hashes inputs the identity already holds (the Fisher data's
+    digest and settings, ``model.*``) plus the results directory, which must not make a copied
+    results tree look like another config."""
+    from forgetkit.identity import run_identity
+
+    ident = run_identity(cfg)
+    for k, v in ident.items():
+        if (k.endswith(".fisher_path") and isinstance(v, str)
+                and Path(v).parent.name == "_cache" and Path(v).name.startswith("fisher-")):
+            ident[k] = "(the experiment's shared Fisher cache)"
+    return ident
+
+
+class TrainingFailed(RuntimeError):
+    """The training process exited non-zero; the message is its own one-line error."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: which run, and how to go on (the faces exit 130 with it)."""
+
+
+# ----------------------------------------------------------------------------- paths
+
+def results_root(base: Config) -> Path:
+    return Path(base.experiment.results_dir.format(name=base.name))
+
+
+def inside(path: Path, root: Path) -> Path:
+    """``path`` resolved, if it lies strictly inside ``root``; else ConfigError.
+
+    The second line of defence behind the config's name check: every path this module deletes
+    or moves passes here first, so a name like ``../../victim`` never reaches rmtree or rename.
+    """
+    p, r = Path(path).resolve(), Path(root).resolve()
+    if p == r or not p.is_relative_to(r):
+        raise ConfigError(f"{path}: resolves to {p}, outside the results directory {r}; "
+                          "refusing to write, move or delete it (check experiment and arm names)")
+    return p
+
+
+def _remove(path: Path, root: Path) -> None:
+    """Delete a file or folder of the results tree (checked to lie inside ``root``)."""
+    inside(path, root)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _prune_empty(folder: Path, stop: Path) -> None:
+    """Remove empty folders from ``folder`` up to (not including) ``stop``."""
+    while folder != stop and folder.is_relative_to(stop):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def _move(src: Path, dst: Path, root: Path) -> None:
+    inside(src, root)
+    inside(dst, root)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+
+
+def _clean_tmp(rdir: Path, root: Path) -> None:
+    """Remove the temporary files (``*.tmp``) a failed attempt left in its run folder."""
+    if not rdir.is_dir():
+        return
+    for p in sorted(rdir.rglob("*.tmp"), key=lambda q: len(q.parts), reverse=True):
+        try:
+            _remove(p, root)
+        except OSError:
+            pass
 
 
 # ----------------------------------------------------------------------------- planning
@@ -91,12 +202,16 @@ def plan_runs(raw: dict[str, Any], src: str, arms: list[str] | None = None,
               seeds: list[int] | None = None) -> tuple[Config, list[RunSpec]]:
     """Validate the experiment and every arm's resolved config; nothing is written.
 
-    Raises ConfigError (file, arm, dotted key, did-you-mean) on any problem.
+    Raises ConfigError (file, arm, dotted key, did-you-mean) on any problem, including a run
+    folder that would lie outside the results directory.
     """
     base = config_from_dict(copy.deepcopy(raw), src)
+    check_complete(base, src)
     opts = base.experiment
     expanded = expand_arms(opts.arms)
     names = [n for n, _, _ in expanded]
+    for n in names:  # grid names (arm@leaf=value) carry values: check the expanded name too
+        check_slug(n, "experiment.arms", src)
     dup = {n for n in names if names.count(n) > 1}
     if dup or any(not n for n in names):
         raise ConfigError(f"{src}: experiment.arms: arm names must be unique and non-empty "
@@ -109,18 +224,22 @@ def plan_runs(raw: dict[str, Any], src: str, arms: list[str] | None = None,
                 raise ConfigError(f"--arms: unknown arm '{a}'{hint}")
         expanded = [e for e in expanded if e[0] in arms]
     seed_list = seeds if seeds else opts.seeds
-    root = Path(opts.results_dir.format(name=base.name))
+    root = results_root(base)
     runs = []
     # Seed-major order: every arm's seed 0 first, so an interrupted experiment still has
     # comparable arms.
     for seed, (name, overrides, point) in itertools.product(seed_list, expanded):
+        d = run_dir(root, name, seed)
+        try:
+            inside(d, root)
+        except ConfigError as e:
+            raise ConfigError(f"{src}: experiment.arms: arm '{name}': {e}") from None
         r = copy.deepcopy(raw)
         try:
             apply_overrides(r, overrides)
         except ConfigError as e:
             raise ConfigError(f"{src} (arm '{name}'): {e}") from None
         r["seed"] = seed
-        d = run_dir(root, name, seed)
         r.setdefault("output", {})
         r["output"] = {**(r["output"] or {}), "dir": str(d), "save_model": True}
         cfg = config_from_dict(r, f"{src} (arm '{name}')")
@@ -129,25 +248,187 @@ def plan_runs(raw: dict[str, Any], src: str, arms: list[str] | None = None,
     return base, runs
 
 
+# ----------------------------------------------------------------------------- checks
+
+def saved_identity(rdir: Path) -> dict[str, Any]:
+    """The identity a run folder was computed with: its ``identity.json``, or, for a run
+    finished before identities were saved, recomputed from its ``config.yaml`` (the data
+    digests are then today's files': such a run is checked on its config keys only).
+
+    Raises ConfigError when neither can be read (such a run is never silently reused).
+    """
+    p = rdir / IDENTITY
+    if p.is_file():
+        try:
+            ident = read_json(p)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{p}: unreadable ({e})") from None
+        if isinstance(ident, dict):
+            return ident
+        raise ConfigError(f"{p}: not a JSON object")
+    c = rdir / "config.yaml"
+    if not c.is_file():
+        raise ConfigError(f"{rdir}: neither {IDENTITY} nor config.yaml says which config it ran")
+    raw = read_yaml(c)
+    # Keys outside the identity are dropped before validation: a key since removed from the
+    # schema (output.overwrite) or an old arm list must not make an old run unreadable.
+    raw.pop("output", None)
+    if isinstance(raw.get("experiment"), dict):
+        raw["experiment"].pop("arms", None)
+    return identity_of(config_from_dict(raw, str(c)))
+
+
+def _has_checkpoints(rdir: Path) -> bool:
+    return any((rdir / "checkpoints").glob("step-*"))
+
+
+REMEDIES = ("Rerun with --force to replace it (the old run is kept until the new one has "
+            "succeeded), or set a new experiment.results_dir to keep both.")
+
+
+def reuse_checks(runs: list[RunSpec], force: bool = False) -> list[Check]:
+    """What happens to each run folder that already exists, checked before anything is done.
+
+    * finished, same identity: reused (skipped);
+    * finished, identity differs: a problem naming the changed keys, unless ``force``;
+    * unfinished with checkpoints of another identity: a problem (training would resume them);
+    * ``force``: the finished run is set aside and deleted only once its replacement succeeded.
+    """
+    from forgetkit.identity import format_mismatch, identity_diff
+    from forgetkit.preflight import Check
+
+    out = []
+    for run in runs:
+        what = f"run {run.label} ({run.dir})"
+        if not run.dir.exists():
+            continue
+        finished = is_finished(run.dir)
+        if force:
+            out.append(Check(f"{what}: {'finished; ' if finished else ''}recomputed (--force; "
+                             "the old folder is set aside until the new run succeeds)", True))
+            continue
+        if not finished and not _has_checkpoints(run.dir):
+            out.append(Check(f"{what}: unfinished, starts again", True))
+            continue
+        try:
+            old = saved_identity(run.dir)
+        except ConfigError as e:
+            out.append(Check(what, False, f"{what}: cannot tell which config it ran: {e}. "
+                                          + REMEDIES))
+            continue
+        diff = identity_diff(old, run.identity())
+        if not diff:
+            out.append(Check(f"{what}: {'finished, reused' if finished else 'resumes'} "
+                             "(same config and data)", True))
+        elif finished:
+            out.append(Check(what, False, format_mismatch(f"the finished run {run.dir}", diff,
+                                                          REMEDIES)))
+        else:
+            out.append(Check(what, False, format_mismatch(
+                f"the unfinished run {run.dir} (whose checkpoints training would resume)", diff,
+                REMEDIES)))
+    return out
+
+
+def lock_check(root: Path) -> Check:
+    """Whether another forgetkit process holds the results directory (nothing is created)."""
+    from forgetkit.locking import LOCK_NAME, LockHeld, dir_lock
+    from forgetkit.preflight import Check
+
+    if not (root / LOCK_NAME).exists():
+        return Check(f"results directory {root}: free", True)
+    try:
+        with dir_lock(root, "results directory"):
+            pass
+    except LockHeld as e:
+        return Check("results directory lock", False, str(e))
+    return Check(f"results directory {root}: free", True)
+
+
+def preflight_checks(runs: list[RunSpec]) -> list[Check]:
+    """Preflight of every planned run (one shared cache: a file or task checked once)."""
+    from forgetkit.preflight import preflight
+
+    cache: dict[Any, Any] = {}
+    seen: set[tuple[str, bool, str]] = set()
+    out = []
+    for run in runs:
+        for c in preflight(run.cfg, evaluation=True, cache=cache):
+            if (c.what, c.ok, c.problem) not in seen:
+                seen.add((c.what, c.ok, c.problem))
+                out.append(c)
+    return out
+
+
+def check_plan(base: Config, runs: list[RunSpec], force: bool = False) -> list[Check]:
+    """Everything verified before anything is evaluated, trained, moved or deleted: preflight
+    of every run, what happens to existing run folders, and the results directory's lock."""
+    return preflight_checks(runs) + reuse_checks(runs, force) + [lock_check(results_root(base))]
+
+
+def format_checks(checks: list[Check]) -> str:
+    return "\n".join(f"  {'✓' if c.ok else '✗'} {c.what if c.ok else c.problem or c.what}"
+                     for c in checks)
+
+
 # ----------------------------------------------------------------------------- base model
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, memoised on (path, size, mtime): cache keys hash data contents."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def _data_digests(specs: list[Any], dirs: list[str | None] = ()) -> dict[str, str]:
+    """Contents of the local data files (and task directories) a cached result was built from:
+    editing one in place must not reuse the old result."""
+    out = {}
+    for s in specs:
+        if s is not None and s.path and Path(s.path).is_file():
+            out[s.path] = _file_digest(Path(s.path))
+    for d in dirs:
+        if d and Path(d).is_dir():
+            for p in sorted(Path(d).rglob("*")):
+                if p.is_file():
+                    out[str(p)] = _file_digest(p)
+    return out
+
+
 def base_model_identity(cfg: Config) -> dict[str, Any]:
+    """What the base model's weights depend on: ``model.*`` (minus training-time options) and,
+    for a local model folder or file, each file's name, size and mtime (weights are gigabytes:
+    not hashed, but a model replaced in place changes the key)."""
     m = config_to_dict(cfg.model)
     for k in ("gradient_checkpointing", "attn_implementation"):
         m.pop(k, None)  # training-time options: same weights
+    p = Path(m["name_or_path"]) if m.get("name_or_path") else None
+    if p is not None and p.exists():
+        files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
+        m["files"] = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return m
 
 
 def share_fisher(cfg: Config, root: Path) -> None:
     """Point every EWC regularizer without a ``fisher_path`` at a shared cache file.
 
-    The file name hashes everything the estimate depends on (base model, Fisher data and
-    settings, max length, seed), so arms that differ only in lambda (a sweep) or in other
-    regularizers estimate the Fisher once and reuse it. Online EWC keeps its own chain.
+    The file name hashes everything the estimate depends on (base model, Fisher data settings
+    and file contents, max length, prompt masking, seed), so arms that differ only in lambda (a
+    sweep) or in other regularizers estimate the Fisher once and reuse it. Online EWC keeps its
+    own chain.
     """
     for rc in cfg.regularizers:
         if rc.type != "ewc" or rc.fisher_path or rc.online_gamma is not None:
@@ -157,7 +438,8 @@ def share_fisher(cfg: Config, root: Path) -> None:
                                 if k in ("fisher_data", "fisher_examples", "fisher_batch_size",
                                          "estimator", "fisher_samples", "include", "exclude")},
                      "max_length": cfg.data.max_length, "train_on_prompt":
-                     cfg.data.train_on_prompt, "seed": cfg.seed})
+                     cfg.data.train_on_prompt, "seed": cfg.seed,
+                     "data": _data_digests([rc.fisher_data])})
         rc.fisher_path = str(root / "_cache" / f"fisher-{key}.safetensors")
 
 
@@ -181,17 +463,23 @@ def base_checkpoint(cfg: Config, root: Path) -> str:
     log.info("materialising the base model as an HF checkpoint in %s", out)
     model, tok = load_model(m)
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(inside(tmp, root), ignore_errors=True)
     save_hf_checkpoint(model, tok, tmp)
     os.replace(tmp, out)
     return str(out)
 
 
 def eval_cache_key(cfg: Config) -> str:
+    """Key of the cached before-scores: base model, evaluation settings (WiSE-FT points are
+    after-only), the evaluation seed and the contents of every evaluation data file and task
+    directory."""
     ev = config_to_dict(cfg.evaluation)
     ev.pop("wise_alphas", None)
-    return _hash({"model": base_model_identity(cfg), "evaluation": ev,
-                  "format": 1})
+    specs = list(cfg.evaluation.task) + list(cfg.evaluation.general)
+    return _hash({"model": base_model_identity(cfg), "evaluation": ev, "seed": EVAL_SEED,
+                  "data": _data_digests([s.data for s in specs],
+                                        [s.include_path for s in specs]),
+                  "format": 2})
 
 
 # ----------------------------------------------------------------------------- stages
@@ -213,7 +501,7 @@ def evaluate(model_dir: str | Path, cfg: Config) -> dict[str, Any]:
 
 
 def before_scores(cfg: Config, root: Path) -> tuple[dict[str, Any], bool]:
-    """(scores, cache hit). Computed once per base model + evaluation settings."""
+    """(scores, cache hit). Computed once per base model + evaluation settings + data."""
     key = eval_cache_key(cfg)
     path = root / "_cache" / f"eval_before-{key}.json"
     if path.exists():
@@ -227,8 +515,28 @@ def before_scores(cfg: Config, root: Path) -> tuple[dict[str, Any], bool]:
     return scores, False
 
 
+_CHILD_ERROR = re.compile(r"(?:^|[^\w.\[-])forgetkit: (.+)")
+
+
+def _child_error(text: str) -> str:
+    """The training process's own error: the text of its last ``forgetkit: ...`` line (the
+    faces print one line per user error or fault; a progress bar may precede it on the same
+    line), else its last non-empty line (e.g. a bug's exception)."""
+    lines = [ln.strip() for ln in text.replace("\r", "\n").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        m = list(_CHILD_ERROR.finditer(ln))
+        if m:
+            return m[-1].group(1).strip()
+    return lines[-1] if lines else "no output"
+
+
 def train_stage(run: RunSpec, launcher: list[str]) -> dict[str, Any]:
-    """Run the training stage in its own process; return its train_result.json."""
+    """Run the training stage in its own process; return its train_result.json.
+
+    Raises:
+        TrainingFailed: the process exited non-zero (message: its own one-line error).
+        RunInterrupted: Ctrl-C (it reaches the training process too, which stops by itself).
+    """
     cfg_path = run.dir / "config.yaml"
     cmd = (launcher or [sys.executable]) + ["-m", "forgetkit.train", str(cfg_path)]
     log.info("training: %s", " ".join(cmd))
@@ -238,16 +546,30 @@ def train_stage(run: RunSpec, launcher: list[str]) -> dict[str, Any]:
     tail: deque[bytes] = deque(maxlen=64)
     assert proc.stdout is not None
     with (run.dir / "train_output.log").open("ab") as fh:
-        for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-            fh.write(chunk)
-            tail.append(chunk)
-    rc = proc.wait()
+        try:
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+                fh.write(chunk)
+                tail.append(chunk)
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C went to the whole process group: let the training process stop by itself
+            # (it says at which step), then kill it if it does not.
+            try:
+                rest = proc.communicate(timeout=30)[0] or b""
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rest = proc.communicate()[0] or b""
+            fh.write(rest)
+            tail.append(rest)
+            raise RunInterrupted(_child_error(b"".join(tail).decode(errors="replace"))) from None
+    text = b"".join(tail).decode(errors="replace")
+    if rc in (130, -signal.SIGINT):
+        raise RunInterrupted(_child_error(text))
     if rc != 0:
-        text = b"".join(tail).decode(errors="replace").replace("\r", "\n")
-        last = [ln for ln in text.splitlines() if ln.strip()][-12:]
-        raise RuntimeError(f"training exited with status {rc}:\n" + "\n".join(last))
+        raise TrainingFailed(f"{_child_error(text)} (training exited with status {rc}; full "
+                             f"output in {run.dir / 'train_output.log'})")
     return read_json(run.dir / "train_result.json")
 
 
@@ -262,7 +584,7 @@ def wise_scores(run: RunSpec, base: str, alphas: list[float]) -> dict[str, Any]:
         try:
             out[str(a)] = evaluate(d, run.cfg)
         finally:
-            shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(inside(d, run.dir.parent.parent), ignore_errors=True)
     return out
 
 
@@ -297,9 +619,23 @@ def layer_summaries(run: RunSpec, base: str) -> None:
             break
 
 
+def train_warnings(train: dict[str, Any]) -> list[str]:
+    """Warnings a finished training reports about itself: a collapsed run (gradient norm
+    exactly 0, or the loss constant, for many steps: the weights stopped learning) is kept in
+    the summary and the end message, never hidden behind a success."""
+    if not train.get("collapsed"):
+        return []
+    c = train.get("collapse") or {}
+    where = (f"{c.get('reason', 'no learning')}, steps {c.get('from_step', '?')}-"
+             f"{c.get('to_step', '?')}")
+    return [f"training collapsed ({where}): its after-scores are those of a model that "
+            "stopped learning; check training.lr, the data's target tokens and the regularizers"]
+
+
 def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
     run.dir.mkdir(parents=True, exist_ok=True)
     write_text(run.dir / "config.yaml", dump_config(run.cfg))
+    write_json(run.dir / IDENTITY, run.identity())
     write_json(run.dir / "env.json", environment())
     t0 = time.perf_counter()
     before, hit = before_scores(run.cfg, root)
@@ -325,45 +661,183 @@ def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
                           for r in run.cfg.regularizers if r.type == "ewc"]}
     return {"status": "ok", "arm": run.arm, "seed": run.seed, "grid": run.grid,
             "before_cache_hit": hit, "before": before, "after": after, "train": train,
+            "warnings": train_warnings(train),
             "regularizers": [config_to_dict(r) for r in run.cfg.regularizers],
             "data_sources": sources, "wall_time_s": time.perf_counter() - t0}
 
 
-def run_experiment(base: Config, runs: list[RunSpec], force: bool = False) -> Path:
-    """Execute (or resume) every run; one run's failure is recorded and the others continue."""
+# ----------------------------------------------------------------------------- the experiment
+
+@dataclass
+class Outcome:
+    """What run_experiment did: the faces turn it into the end message and the exit status."""
+
+    root: Path
+    total: int
+    reused: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (run label, error line)
+    warnings: list[str] = field(default_factory=list)  # "<run label>: <warning>"
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def message(self) -> str:
+        """``"2 of 6 runs failed: ewc seed 1 (NonFiniteLoss: ...), ..."`` (+ warnings)."""
+        if self.failed:
+            parts = [f"{label} ({_short(err)})" for label, err in self.failed]
+            head = f"{len(self.failed)} of {self.total} runs failed: " + ", ".join(parts)
+        else:
+            head = f"all {self.total} runs succeeded" + (
+                f" ({self.reused} reused from earlier)" if self.reused else "")
+        if self.warnings:
+            head += f"; {len(self.warnings)} warning(s): " + "; ".join(self.warnings)
+        return head
+
+
+def _short(text: str, n: int = 160) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= n else line[:n - 1] + "…"
+
+
+def _error_line(e: BaseException, rdir: Path) -> str:
+    """One line naming the error; a disk-full OSError says so, with the free space."""
+    if isinstance(e, TrainingFailed):
+        return str(e)
+    if is_disk_full(e):
+        return disk_full_line(e, rdir)  # type: ignore[arg-type]
+    return f"{type(e).__name__}: {_short(str(e), 2000)}" if str(e) else repr(e)
+
+
+def _log_failure(rdir: Path, head: str, e: BaseException) -> None:
+    """The full traceback of a failed attempt: appended to the run's ``run.log`` (always) and
+    logged at DEBUG (shown under ``--debug``)."""
+    tb = "".join(traceback.format_exception(e))
+    log.debug("%s: traceback:\n%s", head, tb)
+    try:
+        rdir.mkdir(parents=True, exist_ok=True)
+        with (rdir / RUN_LOG).open("a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {head} failed:\n{tb}\n")
+    except OSError as err:  # the disk may be full: the summary still gets the line
+        log.warning("%s: could not write %s: %s", head, rdir / RUN_LOG, err)
+
+
+def _set_aside(run: RunSpec, root: Path, stamp: str) -> Path:
+    """Move a run folder to ``_replaced/<stamp>/<arm>/seed-<s>`` (same file system: a rename)."""
+    dst = root / REPLACED / stamp / run.dir.relative_to(root)
+    _move(run.dir, dst, root)
+    return dst
+
+
+def _restore(run: RunSpec, root: Path, aside: Path, stamp: str) -> Path | None:
+    """Put a set-aside finished run back; the failed attempt goes to ``_failed/`` (its logs)."""
+    kept = None
+    if run.dir.exists():
+        kept = root / FAILED / stamp / run.dir.relative_to(root)
+        _move(run.dir, kept, root)
+    _move(aside, run.dir, root)
+    _prune_empty(aside.parent, root / REPLACED)
+    return kept
+
+
+def _drop_replaced(run: RunSpec, root: Path) -> None:
+    """The run succeeded: delete every earlier version of it set aside by --force."""
+    rel = glob.escape(str(run.dir.relative_to(root)))
+    for old in (root / REPLACED).glob(f"*/{rel}"):
+        _remove(old, root)
+        _prune_empty(old.parent, root / REPLACED)
+
+
+def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
+                   src: str | None = None, checks: list[Check] | None = None) -> Outcome:
+    """Execute (or resume) every run; one run's failure is recorded and the others continue.
+
+    Nothing is evaluated, trained, moved or deleted before every check passed: ``checks``
+    (from :func:`check_plan`, which the face has shown) or, when None, preflight of every
+    run here. Then, holding the results directory's lock for the whole experiment, the run
+    folders are checked again (another process may have finished one meanwhile).
+
+    Raises:
+        ConfigError: a failed check (LockHeld: another process holds the results directory).
+        RunInterrupted: Ctrl-C; finished runs are kept, the interrupted one resumes on a rerun.
+        OSError: a result that cannot be recorded (disk full while writing a summary).
+    """
+    from forgetkit.locking import dir_lock
+    from forgetkit.preflight import raise_on_problems
     from forgetkit.summary import write_tables
 
+    src = src or f"experiment '{base.name}'"
+    raise_on_problems(preflight_checks(runs) if checks is None else checks, src)
     opts = base.experiment
-    root = Path(opts.results_dir.format(name=base.name))
-    root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "plan.json", {"experiment": base.name,
-                                    "runs": [{"arm": r.arm, "seed": r.seed, "grid": r.grid,
-                                              "dir": str(r.dir)} for r in runs]})
-    for i, run in enumerate(runs, 1):
-        head = f"[run {i}/{len(runs)}] arm={run.arm} seed={run.seed}"
-        if is_finished(run.dir) and not force:
-            log.info("%s: finished earlier, skipped (--force recomputes)", head)
-            continue
-        if force and run.dir.exists():
-            shutil.rmtree(run.dir)
-        log.info("%s: starting", head)
-        try:
-            summary = run_one(run, root, opts.launcher)
-            log.info("%s: done in %.0fs", head, summary["wall_time_s"])
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # recorded, and the other arms continue
-            log.error("%s: failed: %s", head, str(e).splitlines()[0] if str(e) else repr(e))
-            summary = {"status": "failed", "arm": run.arm, "seed": run.seed, "grid": run.grid,
-                       "error": f"{type(e).__name__}: {e}",
-                       "traceback": traceback.format_exc(limit=8)}
-        write_json(run.dir / SUMMARY, summary)
-        if summary["status"] == "ok" and not opts.keep_checkpoints:
-            for sub in ("model", "checkpoints"):
-                shutil.rmtree(run.dir / sub, ignore_errors=True)
+    root = results_root(base)
+    outcome = Outcome(root, len(runs))
+    with dir_lock(root, "results directory"):
+        raise_on_problems(reuse_checks(runs, force), src)
+        write_json(root / "plan.json", {"experiment": base.name,
+                                        "runs": [{"arm": r.arm, "seed": r.seed, "grid": r.grid,
+                                                  "dir": str(r.dir)} for r in runs]})
+        stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        for i, run in enumerate(runs, 1):
+            head = f"[run {i}/{len(runs)}] arm={run.arm} seed={run.seed}"
+            if is_finished(run.dir) and not force:
+                log.info("%s: finished earlier with the same config, reused (--force "
+                         "recomputes)", head)
+                outcome.reused += 1
+                outcome.warnings += [f"{run.label}: {w}" for w in
+                                     read_json(run.dir / SUMMARY).get("warnings") or []]
+                continue
+            aside = _set_aside(run, root, stamp) if force and run.dir.exists() else None
+            old_finished = aside is not None and is_finished(aside)
+            log.info("%s: starting", head)
+            try:
+                summary = run_one(run, root, opts.launcher)
+                log.info("%s: done in %.0fs", head, summary["wall_time_s"])
+            except KeyboardInterrupt as e:
+                note = ""
+                if old_finished:
+                    _restore(run, root, aside, stamp)  # type: ignore[arg-type]
+                    note = "; the finished run from before --force was put back"
+                detail = str(e).removesuffix("; rerun the same command to resume")
+                raise RunInterrupted(
+                    f"interrupted during run {i}/{len(runs)} ({run.label})"
+                    + (f": {detail}" if detail else "") + note
+                    + "; finished runs are kept; rerun the same command to resume") from None
+            except Exception as e:  # recorded, and the other arms continue
+                err = _error_line(e, run.dir)
+                log.error("%s: failed: %s", head, err)
+                _log_failure(run.dir, head, e)
+                _clean_tmp(run.dir, root)
+                summary = {"status": "failed", "arm": run.arm, "seed": run.seed,
+                           "grid": run.grid, "error": err, "log": RUN_LOG}
+            try:
+                write_json(run.dir / SUMMARY, summary)
+            except OSError as e:  # not even the result can be recorded: stop here
+                if old_finished:
+                    _restore(run, root, aside, stamp)  # type: ignore[arg-type]
+                log.error("%s: could not record the result: %s; stopping", head, e)
+                raise
+            if summary["status"] == "ok":
+                _drop_replaced(run, root)
+                if not opts.keep_checkpoints:
+                    for sub in ("model", "checkpoints"):
+                        _remove(run.dir / sub, root)
+                for w in summary["warnings"]:
+                    log.warning("%s: %s", head, w)
+                    outcome.warnings.append(f"{run.label}: {w}")
+            else:
+                outcome.failed.append((run.label, summary["error"]))
+                if old_finished:
+                    kept = _restore(run, root, aside, stamp)  # type: ignore[arg-type]
+                    note = (f"the new run failed, so the finished run from before --force "
+                            f"was put back in {run.dir} (the failed attempt is in {kept})")
+                    log.warning("%s: %s", head, note)
+                    outcome.warnings.append(f"{run.label}: {note}")
+                elif aside is not None:
+                    _remove(aside, root)  # an unfinished earlier attempt: nothing to keep
+                    _prune_empty(aside.parent, root / REPLACED)
+            write_tables(root)
         write_tables(root)
-    write_tables(root)
-    return root
+    return outcome
 
 
 # Effective FLOP/s used for the plan's time estimate: measured here for fp32 on a 2-core CPU

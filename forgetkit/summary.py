@@ -5,7 +5,8 @@ Reads only result files (never a model), so the report tools can call it too.
 
 Columns of summary.csv::
 
-    arm, seed, status, <grid keys>,
+    arm, seed, status, <grid keys>, warnings (only when a run has any, e.g. collapsed training),
+    error (failed runs: the one-line error; the traceback is in the run's run.log),
     <metric>_before, <metric>_after, <metric>_delta     for every task and general metric
         (delta = after - before in the metric's own unit)
     task_gain         improvement of the first task metric (positive = learned; sign flipped
@@ -41,6 +42,8 @@ def summary_row(s: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, 
     for k, v in (s.get("grid") or {}).items():
         row[f"grid:{k}"] = v
     meta: dict[str, dict[str, Any]] = {}
+    if s.get("warnings"):  # e.g. a collapsed training: shown beside its numbers, not hidden
+        row["warnings"] = "; ".join(s["warnings"])
     if s["status"] != "ok":
         row["error"] = s.get("error", "")
         return row, meta

@@ -60,7 +60,8 @@ def test_aliases_registered() -> None:
 ])
 def test_alias_counts_and_fields(name: str, splits: dict[str, int], fields: list[str]) -> None:
     for split, n in splits.items():
-        recs = sources.load_records(DatasetSpec(path=name, split=split))
+        fmt = "text" if name == "wikipedia" else "instruction"  # wikipedia: text passages
+        recs = sources.load_records(DatasetSpec(path=name, split=split, format=fmt))
         assert len(recs) == n, (name, split)
         ids = [r["id"] for r in recs]
         assert len(set(ids)) == len(ids) and all(ids)

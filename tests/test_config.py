@@ -150,7 +150,8 @@ def test_extends_merges_a_base_file(tmp_path):
     from forgetkit.config import ConfigError, load_config
 
     (tmp_path / "base.yaml").write_text(
-        "name: base\ntraining: {lr: 1.0e-4, max_steps: 5}\n"
+        "name: base\nmodel: {name_or_path: gpt2}\ndata: {train: {path: d.jsonl}}\n"
+        "training: {lr: 1.0e-4, max_steps: 5}\n"
         "regularizers: [{type: l2, lambda: 1.0}]\n")
     (tmp_path / "child.yaml").write_text(
         "extends: base.yaml\nname: child\ntraining: {max_steps: 7}\nregularizers: []\n")

@@ -1,10 +1,11 @@
 """The experiment runner end to end: ``python -m forgetkit.run`` on a tiny random-init model with
 tiny local data and a tiny local lm-eval task.
 
-* two arms x two seeds (+ an arm that fails at training time) produce the full results tree and a
+* two arms x two seeds (+ an arm whose training diverges) produce the full results tree and a
   summary.csv with the contract's columns; the before-evaluation is computed once and reused;
-  the broken arm is recorded as failed while the others finish;
-* a rerun skips every finished run;
+  the broken arm is recorded as failed (its NonFiniteLoss named in one line, exit status 1)
+  while the others finish;
+* a rerun skips every finished run (same config);
 * a run killed mid-training resumes from its checkpoint, without recomputing finished runs.
 """
 
@@ -60,25 +61,24 @@ def env() -> dict[str, str]:
     return e
 
 
-def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(config: Path, *args: str, rc: int = 0) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, "-m", "forgetkit.run", str(config), *args],
                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == rc, proc.stderr[-4000:]
     return proc
 
 
 ARMS = [{"name": "naive"},
         {"name": "l2", "overrides": {"regularizers": [{"type": "l2", "lambda": 1.0}]}},
-        # fails at training time (the Fisher data file does not exist), not at planning time
-        {"name": "broken", "overrides": {"regularizers": [
-            {"type": "ewc", "lambda": 1.0, "fisher_data": {"path": "/nonexistent/x.jsonl"}}]}}]
+        # passes every check, then fails at training time: the loss diverges to inf/NaN
+        {"name": "broken", "overrides": {"training": {"lr": 1.0e30}}}]
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess[str]]:
     tmp = tmp_path_factory.mktemp("runner")
     config = experiment(tmp, ARMS, [0, 1])
-    proc = run_cli(config)
+    proc = run_cli(config, rc=1)  # the broken arm failed: exit status 1
     return config, tmp / "results" / "tiny_exp", proc
 
 
@@ -143,8 +143,11 @@ def test_failed_arm_is_recorded_and_others_continue(finished):
     for seed in (0, 1):
         s = json.loads((root / "broken" / f"seed-{seed}" / "summary.json").read_text())
         assert s["status"] == "failed"
-        assert "nonexistent" in s["error"]
-    assert "failed" in proc.stderr
+        assert s["error"].startswith("NonFiniteLoss: "), s["error"]
+        assert "Traceback" in (root / "broken" / f"seed-{seed}" / "run.log").read_text()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("forgetkit: 2 of 6 runs failed: broken seed 0 (NonFiniteLoss: "), last
+    assert "Traceback" not in proc.stderr
 
 
 def test_rerun_skips_finished_runs(finished):
@@ -152,7 +155,7 @@ def test_rerun_skips_finished_runs(finished):
     stamps = {p: p.stat().st_mtime_ns for p in root.glob("naive/seed-*/summary.json")}
     stamps |= {p: p.stat().st_mtime_ns for p in root.glob("l2/seed-*/summary.json")}
     proc = run_cli(config, "--arms", "naive,l2")
-    assert proc.stderr.count("finished earlier, skipped") == 4
+    assert proc.stderr.count("finished earlier with the same config, reused") == 4
     assert "training:" not in proc.stderr
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
@@ -192,7 +195,7 @@ def test_killed_run_resumes_without_recomputing_finished_runs(tmp_path):
 
     out = run_cli(config)
     assert first.stat().st_mtime_ns == stamp
-    assert out.stderr.count("finished earlier, skipped") == 1
+    assert out.stderr.count("finished earlier with the same config, reused") == 1
     res = json.loads((root / "naive" / "seed-1" / "train_result.json").read_text())
     assert res["resumed_from"] is not None and 1 <= res["resumed_from"] < 12
     s = json.loads((root / "naive" / "seed-1" / "summary.json").read_text())
@@ -218,3 +221,39 @@ def test_ewc_arms_share_one_fisher_estimate(tmp_path):
     assert path[("ewc@lambda=1.0", 0)] != path[("ewc@lambda=1.0", 1)]  # seed picks the data
     assert path[("ewc@lambda=1.0", 0)] != path[("ewc_more", 0)]  # other Fisher settings
     assert all("/_cache/fisher-" in p for p in path.values())
+
+
+def test_ctrl_c_during_training_exits_130_and_the_rerun_resumes(tmp_path):
+    """SIGINT to the whole process group (what Ctrl-C in a terminal sends): the training
+    process stops by itself, the runner names the run and the step, exits 130 with no
+    traceback, and the same command then resumes the run from its checkpoint."""
+    config = experiment(tmp_path, [{"name": "naive"}], [0], max_steps=60, checkpoint_every=1,
+                        keep_checkpoints=2)
+    root = tmp_path / "results" / "tiny_exp"
+    proc = subprocess.Popen([sys.executable, "-m", "forgetkit.run", str(config)], cwd=ROOT,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    ckpts = root / "naive" / "seed-0" / "checkpoints"
+    deadline = time.time() + 600
+    try:
+        while not list(ckpts.glob("step-*/COMPLETE")):
+            assert proc.poll() is None, "the run finished before it could be interrupted"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("forgetkit: interrupted during run 1/1 (naive seed 0): interrupted "
+                           "at step "), last
+    assert last.endswith("rerun the same command to resume"), last
+    assert not (root / "naive" / "seed-0" / "summary.json").exists()
+
+    out = run_cli(config)  # the same command
+    res = json.loads((root / "naive" / "seed-0" / "train_result.json").read_text())
+    assert res["resumed_from"] is not None and res["resumed_from"] >= 1, out.stderr[-2000:]

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from forgetkit.config import FORMAT_FIELDS
+
 IGNORE_INDEX = -100
 
 ALPACA_PROMPT = (
@@ -31,12 +33,9 @@ ALPACA_PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-DEFAULT_FIELDS = {
-    "instruction": {"instruction": "instruction", "input": "input", "output": "output"},
-    "chat": {"messages": "messages", "instruction": "instruction", "input": "input",
-             "output": "output"},
-    "text": {"text": "text"},
-}
+# template field -> default column; the field names per format live in the config schema, which
+# rejects an unknown key in `fields:` (FORMAT_FIELDS), so the two cannot drift apart.
+DEFAULT_FIELDS = {fmt: {k: k for k in keys} for fmt, keys in FORMAT_FIELDS.items()}
 
 
 class FormatError(ValueError):
@@ -63,6 +62,54 @@ def _get(record: Mapping[str, Any], fields: Mapping[str, str], key: str, require
                               f"its fields are {sorted(record)}")
         return ""
     return str(val)
+
+
+def _text_problem(record: Mapping[str, Any], fields: Mapping[str, str], key: str,
+                  required: bool) -> str | None:
+    col = fields.get(key, key)
+    val = record.get(col)
+    if val is None or (isinstance(val, float) and val != val):
+        if required:
+            return (f"record has no field {col!r} (needed for {key!r}); its fields are "
+                    f"{sorted(map(str, record))}")
+        return None
+    if isinstance(val, (dict, list)):
+        return f"field {col!r} (for {key!r}) is a {type(val).__name__}, expected text"
+    return None
+
+
+def check_record(record: Any, fmt: str, fields: Mapping[str, str] | None = None) -> str | None:
+    """What keeps a record from being used in format ``fmt`` (one phrase), or None.
+
+    The same rules as :func:`tokenize_record`, without a tokenizer, so a data file can be
+    checked in full before training starts (a bad record 3,000 lines in would otherwise stop a
+    run after the model loaded).
+    """
+    if not isinstance(record, Mapping):
+        return f"expected a record (an object), got {type(record).__name__}"
+    f = {**DEFAULT_FIELDS[fmt], **(fields or {})}
+    if fmt == "text":
+        return _text_problem(record, f, "text", True)
+    if fmt == "chat" and record.get(f["messages"]) is not None:
+        msgs = record[f["messages"]]
+        if isinstance(msgs, (str, bytes, Mapping)) or not hasattr(msgs, "__iter__"):
+            return f"field {f['messages']!r} must be a list of messages"
+        msgs = list(msgs)  # parquet list columns arrive as numpy arrays
+        if not msgs:
+            return f"field {f['messages']!r} must be a non-empty list of messages"
+        for j, m in enumerate(msgs):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not \
+                    isinstance(m.get("content"), str):
+                return (f"message {j} of {f['messages']!r} must be an object with string "
+                        "'role' and 'content'")
+        if msgs[-1]["role"] != "assistant":
+            return "a chat record must end with an assistant message"
+        return None
+    for key, required in (("instruction", True), ("input", False), ("output", True)):
+        problem = _text_problem(record, f, key, required)
+        if problem:
+            return problem
+    return None
 
 
 def render_instruction(record: Mapping[str, Any], fields: Mapping[str, str]) -> tuple[str, str]:

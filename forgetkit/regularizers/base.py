@@ -15,6 +15,11 @@ Every method returns the *value* it wants logged (a 0-dim tensor, kept on device
 value must be global: identical on every rank (a regularizer over sharded parameters all-reduces
 its partial sums). The loop logs it as ``reg/<name>`` without a host sync per step.
 Regularizers never import the loop.
+
+``state_dict()`` holds plain values only (dicts with string keys, lists, str, numbers, bools,
+None) and, where needed, tensors: the loop writes it as JSON plus a safetensors file, never as a
+pickle (a pickled checkpoint runs whatever a crafted file names on resume). Tuples come back as
+lists.
 """
 
 from __future__ import annotations
@@ -56,6 +61,6 @@ class Regularizer(Protocol):
 
     def after_step(self, ctx: RegContext, lr: float) -> torch.Tensor | None: ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...  # plain values and tensors (see above)
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...

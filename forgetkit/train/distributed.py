@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,11 @@ class Backend:
 
         msd, osd = get_state_dict(self.model, self.optimizer)
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(path / "state"))
+        # Never plain pickle: torch's reader unpickles ``.metadata`` and its planner reads
+        # non-tensor entries with torch.load(weights_only=False). See safe_dcp_reader.
+        reader = safe_dcp_reader(path / "state")
+        reader.read_metadata()  # a refused file fails here, with its own one-line message
+        dcp.load(state, storage_reader=reader, planner=safe_dcp_planner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
 
@@ -317,10 +322,12 @@ class DeepSpeedBackend(Backend):
     def optimizer_step(self):
         self.model.step()  # reduces (ZeRO-1), clips, steps, zeroes the gradients
 
-    def grad_norm_after_step(self) -> torch.Tensor:
-        """The global gradient norm before clipping, as the engine computed it in ``step()``."""
+    def grad_norm_after_step(self) -> torch.Tensor | None:
+        """The global gradient norm before clipping, as the engine computed it in ``step()``;
+        None when the engine did not compute one (ZeRO-1/2 without gradient clipping). Not 0.0:
+        a zero norm means a collapsed run to the loop."""
         n = self.model.get_global_grad_norm()
-        return torch.as_tensor(0.0 if n is None else n, dtype=torch.float32)
+        return None if n is None else torch.as_tensor(n, dtype=torch.float32)
 
     def full_state_dict(self):
         """The fp32 master weights, gathered (collectively) on rank 0.
@@ -369,9 +376,105 @@ class DeepSpeedBackend(Backend):
         self.model.save_checkpoint(str(path / "deepspeed"), tag="state")  # collective
 
     def load_training_state(self, path):
-        load_path, _ = self.model.load_checkpoint(str(path / "deepspeed"), tag="state")
+        # DeepSpeed's TorchCheckpointEngine.load calls torch.load(weights_only=False), which
+        # runs whatever a crafted file names. For this load its engine reads with
+        # weights_only=True instead, allowing only the few DeepSpeed classes its ZeRO files
+        # hold (safe_globals: instances are rebuilt from their state, nothing is called).
+        engine = self.model.checkpoint_engine
+
+        def load(p: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(p, map_location=map_location, weights_only=True)
+
+        engine.load = load  # an instance attribute: shadows the class's method, removed below
+        try:
+            load_path, _ = self.model.load_checkpoint(str(path / "deepspeed"), tag="state")
+        finally:
+            del engine.load
         if load_path is None:  # DeepSpeed only logs a warning when nothing was loaded
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {path / 'deepspeed'}")
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The non-tensor classes in DeepSpeed ZeRO checkpoint files (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO-1/2/3 checkpoints)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+# ----------------------------------------------------------------------------- safe DCP loading
+
+def _safe_global(module: str, name: str) -> bool:
+    """What a DCP ``.metadata`` pickle may name, decided on the names *before* anything is
+    imported: DCP's own metadata classes (constructing a dataclass runs no user code),
+    torch.Size, dtypes and layouts, and paths. Nothing with side effects (os.system, eval, ...)."""
+    if module.startswith("torch.distributed.checkpoint."):
+        return True  # and must turn out to be a class: checked after the import
+    if module == "torch":
+        return name == "Size" or isinstance(getattr(torch, name, None),
+                                            (torch.dtype, torch.layout, torch.memory_format))
+    if (module, name) in {("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                          ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}:
+        return True
+    return module == "pathlib" and name in ("PosixPath", "PurePosixPath", "Path")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        ok = _safe_global(module, name)
+        obj = super().find_class(module, name) if ok else None
+        if not ok or (module.startswith("torch.distributed.checkpoint.")
+                      and not isinstance(obj, type)):
+            raise pickle.UnpicklingError(
+                f"checkpoint metadata names {module}.{name}, which a torch.distributed.checkpoint "
+                "file never contains: refusing to load it (the file was crafted or damaged; "
+                "delete that checkpoint)")
+        return obj
+
+
+def safe_dcp_reader(path: Path) -> Any:
+    """A FileSystemReader whose ``.metadata`` is read by an allow-list unpickler.
+
+    (Tensors themselves are already read with ``torch.load(weights_only=True)`` by torch.)
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            mpath = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(mpath, "rb") as fh:
+                try:
+                    metadata = _RestrictedUnpickler(fh).load()
+                except pickle.UnpicklingError as e:
+                    raise pickle.UnpicklingError(f"{mpath}: {e}") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def safe_dcp_planner() -> Any:
+    """DefaultLoadPlanner whose non-tensor entries (optimizer hyper-parameters: floats, lists,
+    bools) load with ``torch.load(weights_only=True)``: plain types only, no arbitrary objects."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafePlanner()
 
 
 def make_backend(dcfg: DistributedConfig, tcfg: TrainingConfig) -> Backend:

@@ -1,11 +1,16 @@
 """The one training loop. Read it top to bottom:
 
-config -> backend (process group, device) -> model -> data -> optimizer -> regularizers.prepare
--> wrap -> resume -> for each optimizer step: [micro-steps: forward, token-normalised loss +
-penalties, backward] -> gradient terms -> clip -> step -> lr -> log / validate / checkpoint
--> final checkpoint and HF model. (``training.clip_scope: loss`` swaps the two middle stages:
-clip the loss gradient, then add the gradient terms, so a stiff EWC term cannot set the clip
-factor of every weight.)
+config -> backend (process group, device) -> lock the output -> model -> data -> pick the
+checkpoint to resume (newest intact, same run identity; nothing written before this) ->
+optimizer -> regularizers.prepare -> wrap -> resume -> config.yaml -> for each optimizer step:
+[micro-steps: forward, token-normalised loss + penalties, backward] -> gradient terms -> clip
+-> step -> lr -> log (non-finite: stop; collapse: warn) / validate / checkpoint -> final
+checkpoint and HF model -> train_result.json (only on success). (``training.clip_scope: loss``
+swaps the two middle stages: clip the loss gradient, then add the gradient terms, so a stiff
+EWC term cannot set the clip factor of every weight.)
+
+Faults end in one named exception each: LockHeld, CheckpointMismatch (both ConfigError),
+NonFiniteLoss, TrainingInterrupted (Ctrl-C), DiskFull; a failed write leaves no ``*.tmp``.
 
 Loss normalisation (the subtle part). For one optimizer step with global batch G (all
 micro-batches on all ranks), the loss is the mean over the *target tokens* of G::
@@ -20,14 +25,19 @@ With this, accumulation 4 x batch 2 equals batch 8, and 2 processes equal 1.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +50,8 @@ from forgetkit.config import Config, ConfigError, dump_config
 from forgetkit.data.batching import collate, epoch_stream, plan_batches, split_step
 from forgetkit.data.sources import build_examples, load_records, select, split_records
 from forgetkit.data.templates import IGNORE_INDEX, Example
+from forgetkit.identity import format_mismatch, identity_diff, identity_digest, training_identity
+from forgetkit.locking import dir_lock
 from forgetkit.models import human_count, load_model, save_hf_checkpoint
 from forgetkit.regularizers.base import RegContext, Regularizer
 from forgetkit.train.distributed import Backend, DeepSpeedBackend, make_backend
@@ -55,7 +67,41 @@ log = logging.getLogger("forgetkit")
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+    """The loss or gradient norm became NaN/inf; the message says which checkpoint (if any) is
+    the last good one."""
+
+
+class CheckpointMismatch(ConfigError):
+    """The output's checkpoint belongs to another run (config or data changed), has an older
+    format, or holds a file forgetkit never writes (refused by the no-pickle loaders); the
+    message names the keys or file and the ways on (the faces exit 2)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training. ``step``: optimizer steps finished; ``checkpoint``: the
+    step of the newest checkpoint a rerun resumes from (None: none)."""
+
+    def __init__(self, step: int, checkpoint: int | None) -> None:
+        self.step, self.checkpoint = step, checkpoint
+        last = f"step {checkpoint}" if checkpoint is not None else "none"
+        super().__init__(f"interrupted at step {step} (last checkpoint: {last}); rerun the same "
+                         "command to resume")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class DiskFull(OSError):
+    """ENOSPC while writing training output; temporary files were removed."""
+
+    def __init__(self, directory: Path, free: str | None = None) -> None:
+        super().__init__(errno.ENOSPC, f"no space left on the disk of {directory} "
+                         f"({free or _free(directory)}): free space there or set output.dir to "
+                         "another disk; the previous checkpoint and results are kept")
+        self.directory = directory
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 @dataclass
@@ -76,6 +122,8 @@ class TrainResult:
     train_time_s: float
     final_val_loss: float | None
     resumed_from: int | None
+    collapsed: bool = False
+    collapse: dict[str, Any] | None = None  # reason, from_step, to_step (see CollapseWatch)
 
 
 def memory_report(cfg: Config, backend: Any) -> dict[str, Any]:
@@ -228,67 +276,394 @@ def validation_loss(backend: Backend, examples: Sequence[Example], micro_batch_s
 
 
 # ----------------------------------------------------------------------------- checkpoints
+#
+# A checkpoint is ``checkpoints/step-N/``: the backend's model + optimizer state (DCP / DeepSpeed),
+# per rank ``rng-rank{r}.json|.safetensors`` and ``regularizers-rank{r}.json|.safetensors`` (no
+# pickle anywhere: JSON for plain values, safetensors for tensors), ``trainer_state.json``,
+# ``identity.json`` (the run it belongs to, forgetkit.identity) and ``COMPLETE``: written last
+# by rank 0, once every rank has finished, with the size and sha256 of every other file. Resume
+# uses the newest checkpoint whose manifest verifies and whose identity equals the requested run's.
+
+CHECKPOINT_FORMAT = 2
+MANIFEST = "COMPLETE"
+IDENTITY_FILE = "identity.json"
+
+
+def _split_tensors(obj: Any, key: str, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    """JSON-able copy of ``obj`` with every tensor moved into ``tensors`` (a safetensors file)."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().to("cpu").contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"{where}: state keys must be strings, got {list(obj)[:5]}")
+        return {k: _split_tensors(v, f"{key}.{k}", tensors, where) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, f"{key}.{i}", tensors, where) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"{where}: state holds a {type(obj).__name__}; a checkpointed state must be "
+                    "plain values (dict/list/str/number/bool/None) or tensors")
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def save_plain(stem: Path, obj: Any, where: str) -> None:
+    """``stem.json`` (+ ``stem.safetensors`` when ``obj`` holds tensors): no pickle."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    doc = _split_tensors(obj, "t", tensors, where)
+    stem.with_suffix(".json").write_text(json.dumps(doc))
+    if tensors:
+        save_file(tensors, str(stem.with_suffix(".safetensors")))
+
+
+def load_plain(stem: Path) -> Any:
+    from safetensors.torch import load_file
+
+    st = stem.with_suffix(".safetensors")
+    tensors = load_file(str(st)) if st.exists() else {}
+    return _join_tensors(json.loads(stem.with_suffix(".json").read_text()), tensors)
+
 
 def _rng_state() -> dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(),
-          "torch": torch.get_rng_state()}
+    """Python, numpy and torch (CPU, CUDA) generator states as plain values and uint8 tensors."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st: dict[str, Any] = {"python": [version, list(internal), gauss],
+                          "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                          "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = list(torch.cuda.get_rng_state_all())
     return st
 
 
 def _set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    version, internal, gauss = st["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()
+                  and p.name != MANIFEST)
+
+
+def write_manifest(d: Path, step: int, identity_digest: str | None) -> None:
+    """The COMPLETE marker: format, step, identity digest and size + sha256 of every file."""
+    files = {f: {"size": (d / f).stat().st_size, "sha256": _sha256(d / f)} for f in _files(d)}
+    doc = {"format": CHECKPOINT_FORMAT, "step": step, "identity_digest": identity_digest,
+           "files": files}
+    (d / MANIFEST).write_text(json.dumps(doc, indent=1))
+
+
+def _read_manifest(d: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((d / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and "files" in doc else None
+
+
+def checkpoint_problem(d: Path) -> str | None:
+    """Why checkpoint ``d`` cannot be resumed from (naming the file), or None if it is intact.
+
+    Raises:
+        CheckpointMismatch: an old-format checkpoint (pickled ``*.pt`` states, which forgetkit
+            no longer loads: a crafted pickle runs code).
+    """
+    if not (d / MANIFEST).exists():
+        return f"{d / MANIFEST} is missing (the write did not finish)"
+    doc = _read_manifest(d)
+    if doc is None:
+        pickles = sorted(p.name for p in d.glob("*.pt"))
+        if pickles:
+            raise CheckpointMismatch(
+                f"checkpoint {d} was written by an older forgetkit ({', '.join(pickles)} are "
+                "pickles, which are never loaded: a crafted one would run code); delete "
+                f"{d.parent} or set training.resume=false to train from scratch")
+        return f"{d / MANIFEST} is not a valid checkpoint manifest"
+    if doc.get("format") != CHECKPOINT_FORMAT:
+        return f"{d / MANIFEST}: checkpoint format {doc.get('format')!r}, expected " \
+               f"{CHECKPOINT_FORMAT}"
+    listed = doc["files"]
+    for f in _files(d):
+        if f not in listed:
+            return f"{d / f} is not in the checkpoint's manifest (added after it was written)"
+    for f, meta in listed.items():
+        p = d / f
+        if not p.is_file():
+            return f"{p} is missing"
+        size = p.stat().st_size
+        if size != meta["size"]:
+            return f"{p} has {size} bytes, the manifest says {meta['size']} (truncated?)"
+        if _sha256(p) != meta["sha256"]:
+            return f"{p}: sha256 differs from the manifest (the file is damaged)"
+    return None
+
+
+def _step_dirs(ckpt_root: Path) -> list[Path]:
+    return sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p.suffix != ".tmp")
+
+
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest *intact* checkpoint under ``ckpt_root``; damaged ones are skipped with a
+    warning that names the file (a truncated shard, a missing file, a checksum mismatch)."""
     if not ckpt_root.is_dir():
         return None
-    done = sorted(p for p in ckpt_root.glob("step-*") if (p / "COMPLETE").exists())
-    return done[-1] if done else None
+    for d in reversed(_step_dirs(ckpt_root)):
+        problem = checkpoint_problem(d)
+        if problem is None:
+            return d
+        log.warning("checkpoint %s is skipped: %s", d.name, problem)
+    return None
+
+
+def resume_checkpoint(ckpt_root: Path, identity: dict[str, Any]) -> Path | None:
+    """The checkpoint to resume from, or None (train from scratch, said in a warning if
+    checkpoints exist). Raises CheckpointMismatch if the newest intact one belongs to another
+    run (a changed config or data file)."""
+    ckpt = latest_checkpoint(ckpt_root)
+    if ckpt is None:
+        if ckpt_root.is_dir() and _step_dirs(ckpt_root):
+            log.warning("no intact checkpoint in %s: training from scratch", ckpt_root)
+        return None
+    try:
+        old = json.loads((ckpt / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        old = {}
+    diff = identity_diff(old, identity)
+    if diff:
+        raise CheckpointMismatch(format_mismatch(
+            f"checkpoint {ckpt}", diff,
+            "Set training.resume=false (or delete the checkpoints directory "
+            f"{ckpt_root}) to train this config from scratch, or use a new output.dir"))
+    return ckpt
+
+
+def _prune(ckpt_root: Path, keep: int, step: int, digest: str | None) -> None:
+    """Keep the newest ``keep`` checkpoints of this run up to ``step``; remove the rest:
+    older ones, stale ones of another identity or beyond this step (superseded by the one just
+    written), damaged ones and leftover ``.tmp`` directories of killed writes."""
+    mine = []
+    for d in ckpt_root.glob("step-*"):
+        doc = _read_manifest(d) if d.suffix != ".tmp" else None
+        if doc is not None and doc.get("identity_digest") == digest and doc.get("step", 0) <= step:
+            mine.append((doc["step"], d))
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+    for _, d in sorted(mine)[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def save_checkpoint(backend: Backend, regs: Sequence[Regularizer], ckpt_root: Path, step: int,
-                    counters: dict[str, Any], keep: int) -> Path:
+                    counters: dict[str, Any], keep: int,
+                    identity: dict[str, Any] | None = None) -> Path:
     """Model + optimizer (sharded where the model is) + regularizers + RNG + data position.
 
-    Written into ``step-N.tmp`` and renamed when every rank has finished, with a COMPLETE marker:
-    a kill mid-write never leaves a checkpoint that resume would pick up.
+    Written into ``step-N.tmp`` (removed if the write fails), the manifest written by rank 0
+    once every rank has finished, then renamed: a kill mid-write never leaves a checkpoint that
+    resume would pick up. ``identity`` (rank 0) is the run's training identity.
     """
     final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f"step-{step:08d}.tmp"
-    if backend.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    backend.barrier()
-    backend.save_training_state(tmp)
-    torch.save(_rng_state(), tmp / f"rng-rank{backend.rank}.pt")
-    torch.save({r.name: r.state_dict() for r in regs}, tmp / f"regularizers-rank{backend.rank}.pt")
-    backend.barrier()
-    if backend.is_main:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **counters}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        (final / "COMPLETE").touch()
-        old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p.suffix != ".tmp")
-        for p in old[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
+    with _writing(ckpt_root, tmp):
+        if backend.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        backend.barrier()
+        backend.save_training_state(tmp)
+        save_plain(tmp / f"rng-rank{backend.rank}", _rng_state(), "rng state")
+        save_plain(tmp / f"regularizers-rank{backend.rank}",
+                   {r.name: r.state_dict() for r in regs}, "regularizer state_dict")
+        backend.barrier()
+        if backend.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **counters}))
+            digest = None
+            if identity is not None:
+                (tmp / IDENTITY_FILE).write_text(json.dumps(identity, indent=1, default=str))
+                digest = identity_digest(identity)
+            write_manifest(tmp, step, digest)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _prune(ckpt_root, keep, step, digest)
     backend.barrier()
     return final
 
 
 def load_checkpoint(backend: Backend, regs: Sequence[Regularizer], path: Path) -> dict[str, Any]:
-    backend.load_training_state(path)
-    _set_rng_state(torch.load(path / f"rng-rank{backend.rank}.pt", weights_only=False))
-    states = torch.load(path / f"regularizers-rank{backend.rank}.pt", weights_only=False)
+    """Restore a verified checkpoint: training state, RNG, regularizers; the trainer state.
+
+    Raises:
+        CheckpointMismatch: a file names Python objects a checkpoint never holds (crafted or
+            foreign): refused by the allow-list loaders, never executed.
+    """
+    try:
+        backend.load_training_state(path)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        # torch's weights_only messages: "Unsupported global: GLOBAL x.y" / "unsupported GLOBAL"
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)
+        what = f"names {found.group(1)}" if found else text.splitlines()[0]
+        raise CheckpointMismatch(
+            f"checkpoint {path}: a file {what}, which forgetkit never writes: refused, not "
+            f"loaded (crafted or foreign); delete {path} to resume from an older checkpoint "
+            "or set training.resume=false") from None
+    _set_rng_state(load_plain(path / f"rng-rank{backend.rank}"))
+    states = load_plain(path / f"regularizers-rank{backend.rank}")
     for r in regs:
         if r.name in states:
             r.load_state_dict(states[r.name])
     return json.loads((path / "trainer_state.json").read_text())
+
+
+# ----------------------------------------------------------------------------- faults
+
+def _is_enospc(e: BaseException | None) -> bool:
+    """An ENOSPC anywhere in the chain (DCP wraps per-rank failures in CheckpointException)."""
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        for f in (getattr(e, "failures", None) or {}).values():
+            inner = getattr(f, "exc", f)
+            if isinstance(inner, BaseException) and _is_enospc(inner):
+                return True
+        if "No space left on device" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _free_bytes(directory: Path) -> int | None:
+    d = directory
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    try:
+        return shutil.disk_usage(d).free
+    except OSError:
+        return None
+
+
+def _free(directory: Path) -> str:
+    free = _free_bytes(directory)
+    return f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+
+
+# A failed write with less than this left on the disk is a full disk, whatever the exception
+# says: torch.save reports ENOSPC as "RuntimeError: unexpected pos ..." (seen on a 2 MiB tmpfs).
+NEARLY_FULL_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def _writing(directory: Path, *tmps: Path) -> Iterator[None]:
+    """Remove ``tmps`` if the block fails (or is interrupted); name a full disk as such."""
+    try:
+        yield
+    except BaseException as e:
+        full = False
+        # (DCP's CheckpointException derives from BaseException, not Exception.)
+        if not isinstance(e, (DiskFull, KeyboardInterrupt, SystemExit, GeneratorExit)):
+            free = _free_bytes(directory)  # before the clean-up frees space again
+            full = _is_enospc(e) or (free is not None and free < NEARLY_FULL_BYTES)
+        for t in tmps:
+            if t.is_dir():
+                shutil.rmtree(t, ignore_errors=True)
+            else:
+                t.unlink(missing_ok=True)
+        if full:
+            raise DiskFull(directory, f"{(free or 0) / 2**20:.2f} MiB free when the write "
+                           "failed") from e
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic: ``path.tmp`` then rename; the tmp is removed if the write fails."""
+    tmp = path.with_name(path.name + ".tmp")
+    with _writing(path.parent, tmp):
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def _rewrite_log(log_path: Path, start_step: int) -> None:
+    """Keep the log lines up to the resumed step, and no "final" line (the run appends its own):
+    a rerun of an interrupted or finished run never duplicates lines. Torn lines are dropped."""
+    keep = []
+    for ln in log_path.read_text().splitlines() if log_path.exists() else []:
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and not rec.get("final") and rec.get("step", 0) <= start_step:
+            keep.append(ln)
+    _write_text(log_path, "".join(k + "\n" for k in keep))
+
+
+def _last_checkpoint_text(step: int | None, ckpt_root: Path) -> str:
+    return f"step {step} in {ckpt_root}" if step is not None else "none"
+
+
+# Collapse: the gradient norm exactly 0, or the logged loss exactly constant, for this many
+# consecutive optimizer steps (or the whole run, if shorter). 50 steps: a full fine-tune never
+# has an exactly zero gradient even once on real data, and an exactly repeated mean loss over
+# different batches means the outputs no longer depend on the input; 50 is long enough that a
+# sparse, masked batch cannot trigger it, short enough to catch it early in a long run.
+COLLAPSE_STEPS = 50
+
+
+class CollapseWatch:
+    """Detects a collapsed run from values the loop already has at its log points."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.need = max(1, min(COLLAPSE_STEPS, total_steps))
+        self.loss: float | None = None
+        self.loss_from = 0  # first step of the run of equal logged losses
+        self.loss_points = 0
+        self.found: dict[str, Any] | None = None
+
+    def update(self, done: int, first_step: int, zero_steps: int, loss: float) -> None:
+        """``done``: steps finished; ``first_step``: first step (1-based) of this log interval;
+        ``zero_steps``: consecutive steps up to ``done`` whose gradient norm was exactly 0."""
+        if loss == self.loss:
+            self.loss_points += 1
+        else:
+            self.loss, self.loss_from, self.loss_points = loss, first_step, 1
+        if self.found is not None:
+            self.found["to_step"] = done
+            return
+        if zero_steps >= self.need:
+            self.found = {"reason": "gradient norm exactly 0", "from_step": done - zero_steps + 1,
+                          "to_step": done}
+        elif self.loss_points >= 2 and done - self.loss_from + 1 >= self.need:
+            self.found = {"reason": f"loss constant at {loss}", "from_step": self.loss_from,
+                          "to_step": done}
+        if self.found is not None:
+            log.warning("training collapsed: %s for %d consecutive steps (from step %d): the "
+                        "weights no longer learn; check training.lr, the data's target tokens "
+                        "and the regularizers (recorded as 'collapsed' in train_result.json)",
+                        self.found["reason"], done - self.found["from_step"] + 1,
+                        self.found["from_step"])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -301,15 +676,65 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def _on_main(backend: Backend, fn: Callable[[], int]) -> int:
+    """Run ``fn`` on rank 0 only and give every rank its (integer) answer, or its failure:
+    rank 0 re-raises the error, the other ranks stop too instead of waiting in a collective."""
+    value, err = 0, None
+    if backend.is_main:
+        try:
+            value = int(fn())
+        except Exception as e:
+            value, err = -1, e
+    t = torch.tensor([value if value >= 0 else 0, 1 if value < 0 else 0], dtype=torch.int64,
+                     device=backend.device)
+    backend.all_reduce_sum(t)
+    if err is not None:
+        raise err
+    if int(t[1]):
+        raise RuntimeError("rank 0 stopped before training (its message says why)")
+    return int(t[0])
+
+
+@dataclass
+class _Progress:
+    """What an interrupt message needs: steps finished, newest checkpoint step."""
+
+    step: int = 0
+    checkpoint: int | None = None
+
+
 def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any = None,
           replay_ratio: float = 0.0, progress: bool = True) -> TrainResult:
     """Fully fine-tune ``cfg.model`` on ``cfg.data``; see the module docstring for the numerics.
 
-    Writes into ``cfg.output_dir()``: ``config.yaml``, ``train_log.jsonl``, ``checkpoints/``
-    and (``output.save_model``) ``model/``, a standard HF checkpoint.
+    Writes into ``cfg.output_dir()``: ``config.yaml``, ``train_log.jsonl``, ``checkpoints/``,
+    (``output.save_model``) ``model/``, a standard HF checkpoint, and, only on success,
+    ``train_result.json``. Rank 0 holds ``dir_lock(out_dir)`` throughout: one writer.
+
+    Raises:
+        LockHeld: another process trains into the same output directory.
+        CheckpointMismatch: the checkpoint to resume belongs to another config (nothing written).
+        NonFiniteLoss: NaN/inf loss or gradient.
+        TrainingInterrupted: Ctrl-C (a KeyboardInterrupt), with the step and last checkpoint.
+        DiskFull: no space left while writing (temporary files removed).
     """
+    backend = make_backend(cfg.distributed, cfg.training)
+    out_dir = cfg.output_dir()
+    status = _Progress()
+    with contextlib.ExitStack() as stack:
+        _on_main(backend, lambda: bool(stack.enter_context(
+            dir_lock(out_dir, "training output"))))
+        try:
+            return _train(cfg, backend, regularizers, replay, replay_ratio, progress, status)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(status.step, status.checkpoint) from None
+
+
+def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer], replay: Any,
+           replay_ratio: float, progress: bool, status: _Progress) -> TrainResult:
     t = cfg.training
-    backend = make_backend(cfg.distributed, t)
     out_dir = cfg.output_dir()
     ckpt_root = out_dir / "checkpoints"
     seed_everything(cfg.seed)
@@ -322,6 +747,17 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
              "%d steps/epoch, %d steps, global batch %d", len(data.train), len(data.validation),
              len(data.replay), data.replay_ratio, plan.steps_per_epoch, plan.total_steps,
              plan.global_batch)
+
+    # -- which checkpoint to resume (rank 0 verifies manifests and identity; nothing written yet)
+    identity = (training_identity(cfg, world_size=backend.world_size, strategy=backend.name)
+                if backend.is_main else None)
+
+    def pick() -> int:  # the checkpoint's step (>= 1), 0 for none
+        ckpt = resume_checkpoint(ckpt_root, identity) if t.resume else None
+        return int(ckpt.name.split("-")[1]) if ckpt is not None else 0
+
+    picked = _on_main(backend, pick)
+    last = ckpt_root / f"step-{picked:08d}" if picked else None
 
     # -- place/shard, then regularizers snapshot theta0 from the (local) parameters
     model = backend.shard(model)
@@ -339,28 +775,25 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
         if inside:
             log.warning("training.clip_scope 'loss': %s add their penalty through the loss "
                         "(autograd), so the gradient clip includes it", ", ".join(inside))
+    # The loop starts from zero gradients, whatever ran before it (a regularizer's prepare, a
+    # caller's own forward/backward): the first optimizer step sees only its own batch.
+    for p in model.parameters():
+        p.grad = None
     model, optimizer = backend.wrap(model, optimizer)
     ctx.model = model
     warm = warmup_steps(t, plan.total_steps)
 
-    # -- resume
+    # -- resume; only now, validated, does the output describe this run
     start_step, counters, resumed_from = 0, {"tokens": 0, "target_tokens": 0, "time_s": 0.0}, None
-    last = latest_checkpoint(ckpt_root) if t.resume else None
-    if backend.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_config(cfg))
     log_path = out_dir / "train_log.jsonl"
     if last is not None:
         state = load_checkpoint(backend, regularizers, last)
-        start_step = resumed_from = state["step"]
+        start_step = resumed_from = status.step = status.checkpoint = state["step"]
         counters = {k: state[k] for k in counters}
         log.info("resumed from %s (step %d of %d)", last, start_step, plan.total_steps)
-        if backend.is_main and log_path.exists():  # drop log lines past the checkpoint
-            keep = [ln for ln in log_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
-            log_path.write_text("".join(k + "\n" for k in keep))
-    elif backend.is_main:
-        log_path.write_text("")
+    if backend.is_main:
+        _write_text(out_dir / "config.yaml", dump_config(cfg))
+        _rewrite_log(log_path, start_step)  # drop log lines past the checkpoint
     backend.barrier()
 
     pad_id = tokenizer.pad_token_id
@@ -378,6 +811,8 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
     reg_acc: dict[str, torch.Tensor] = {}  # regularizer values (global, per step), summed
     steps_since_log = 0
     nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+    zero_run = torch.zeros((), dtype=torch.int64, device=dev)  # consecutive steps, grad norm 0
+    collapse = CollapseWatch(plan.total_steps)
     t_last, tok_last = time.perf_counter(), counters["tokens"]
     t_start = time.perf_counter() - counters["time_s"]
     val_loss: float | None = None
@@ -422,16 +857,19 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
                                                t.min_lr_ratio))
         backend.optimizer_step()
         if isinstance(backend, DeepSpeedBackend):
-            grad_norm = backend.grad_norm_after_step()
+            grad_norm = backend.grad_norm_after_step()  # None: the engine computed none
         for reg in regularizers:
             v = reg.after_step(ctx, lr)
             if v is not None:
                 reg_acc[reg.name] = reg_acc.get(reg.name, 0) + v.detach()
-        nonfinite |= ~torch.isfinite(grad_norm.to(dev))
+        if grad_norm is not None:  # on device: no host sync
+            gn = grad_norm.to(dev)
+            nonfinite |= ~torch.isfinite(gn)
+            zero_run = torch.where(gn == 0, zero_run + 1, torch.zeros_like(zero_run))
         counters["tokens"] += n_tokens
         counters["target_tokens"] += n_targets
         steps_since_log += 1
-        done = step + 1
+        done = status.step = step + 1
 
         # -- log (one host sync per log point)
         if done % t.log_every == 0 or done == plan.total_steps:
@@ -439,17 +877,21 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
             vals = acc.tolist()
             if nonfinite.item() or not math.isfinite(vals[0]):
                 raise NonFiniteLoss(
-                    f"non-finite loss or gradient at step {done}; stopping. The last good "
-                    f"checkpoint is kept in {ckpt_root} (lower training.lr, or check the data)")
+                    f"non-finite loss or gradient at step {done}; stopping. Last good "
+                    f"checkpoint: {_last_checkpoint_text(status.checkpoint, ckpt_root)}. Lower "
+                    "training.lr or check the data, then rerun with training.resume=false or "
+                    "a new output.dir")
             now = time.perf_counter()
             rec: dict[str, Any] = {
                 "step": done, "epoch": step / plan.steps_per_epoch,
                 "loss": vals[0] / max(vals[1], 1.0), "lr": lr,
-                "grad_norm": float(grad_norm), "tokens": counters["tokens"],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens": counters["tokens"],
                 "target_tokens": counters["target_tokens"],
                 "tokens_per_s": (counters["tokens"] - tok_last) / max(now - t_last, 1e-9),
                 "elapsed_s": now - t_start,
             }
+            collapse.update(done, done - steps_since_log + 1, int(zero_run), rec["loss"])
             if vals[3] > 0:
                 rec["loss/replay"] = vals[2] / vals[3]
                 rec["loss/task"] = (vals[0] - vals[2]) / max(vals[1] - vals[3], 1.0)
@@ -465,7 +907,7 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
                                            cfg.data.pad_to_multiple_of)
                 rec["val_loss"] = val_loss
             if backend.is_main:
-                with log_path.open("a") as fh:
+                with _writing(out_dir), log_path.open("a") as fh:
                     fh.write(json.dumps(rec) + "\n")
         elif t.eval_every and done % t.eval_every == 0 and done != plan.total_steps:
             val_loss = validation_loss(backend, data.validation, t.micro_batch_size, pad_id,
@@ -475,9 +917,14 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
         counters["time_s"] = time.perf_counter() - t_start
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done != plan.total_steps:
             if nonfinite.item():
-                raise NonFiniteLoss(f"non-finite gradient before step {done}'s checkpoint; the "
-                                    f"last good checkpoint is kept in {ckpt_root}")
-            save_checkpoint(backend, regularizers, ckpt_root, done, counters, t.keep_checkpoints)
+                raise NonFiniteLoss(
+                    f"non-finite gradient before step {done}'s checkpoint; stopping. Last good "
+                    f"checkpoint: {_last_checkpoint_text(status.checkpoint, ckpt_root)}. Lower "
+                    "training.lr or check the data, then rerun with training.resume=false or "
+                    "a new output.dir")
+            save_checkpoint(backend, regularizers, ckpt_root, done, counters, t.keep_checkpoints,
+                            identity)
+            status.checkpoint = done
 
     if bar is not None:
         bar.close()
@@ -485,34 +932,36 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
     val_loss = validation_loss(backend, data.validation, t.micro_batch_size, pad_id,
                                cfg.data.pad_to_multiple_of)
     if backend.is_main:
-        with log_path.open("a") as fh:
+        with _writing(out_dir), log_path.open("a") as fh:
             fh.write(json.dumps({"step": plan.total_steps, "final": True,
                                  "val_loss": val_loss}) + "\n")
     if plan.total_steps > start_step or last is None:
         save_checkpoint(backend, regularizers, ckpt_root, plan.total_steps, counters,
-                        t.keep_checkpoints)
+                        t.keep_checkpoints, identity)
+        status.checkpoint = plan.total_steps
     model_dir = None
     if cfg.output.save_model:
         sd = backend.full_state_dict()  # collective under FSDP / ZeRO-3
         model_dir = out_dir / "model"
         if backend.is_main:
             tmp = out_dir / "model.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_hf_checkpoint(backend.unwrap(), tokenizer, tmp, state_dict=sd)
-            shutil.rmtree(model_dir, ignore_errors=True)
-            os.replace(tmp, model_dir)
+            with _writing(out_dir, tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_hf_checkpoint(backend.unwrap(), tokenizer, tmp, state_dict=sd)
+                shutil.rmtree(model_dir, ignore_errors=True)
+                os.replace(tmp, model_dir)
         backend.barrier()
     result = TrainResult(out_dir, model_dir, plan.total_steps, counters["tokens"],
-                         counters["target_tokens"], counters["time_s"], val_loss, resumed_from)
+                         counters["target_tokens"], counters["time_s"], val_loss, resumed_from,
+                         collapse.found is not None, collapse.found)
     if backend.is_main:
         info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
         info.update(world_size=backend.world_size, strategy=backend.name,
                     n_train_examples=len(data.train), n_validation_examples=len(data.validation),
-                    n_replay_pool=len(data.replay), global_batch=plan.global_batch)
+                    n_replay_pool=len(data.replay), global_batch=plan.global_batch,
+                    identity_digest=identity_digest(identity) if identity else None)
         info.update(memory_report(cfg, backend))
-        tmp = out_dir / "train_result.json.tmp"
-        tmp.write_text(json.dumps(info, indent=1))
-        os.replace(tmp, out_dir / "train_result.json")
+        _write_text(out_dir / "train_result.json", json.dumps(info, indent=1))
     log.info("trained %d steps, %s tokens (%s targets) in %.1fs; validation loss %s",
              plan.total_steps, human_count(counters["tokens"]),
              human_count(counters["target_tokens"]), counters["time_s"],
