@@ -551,8 +551,20 @@ def _metric_check(self: MetricSpec, where: str, src: str) -> None:
         self.name = self.task or self.kind
 
 
+def _check_placeholders(template: str, key: str, src: str) -> None:
+    """A path template may use ``{name}`` only (formatted with the config's name)."""
+    try:
+        template.format(name="x")
+    except (KeyError, IndexError, ValueError) as e:
+        what = f"unknown placeholder {{{e.args[0]}}}" if isinstance(e, KeyError) else str(e)
+        raise ConfigError(f"{src}: {key}: {template!r}: {what}; the only placeholder is "
+                          "{name} (write {{ and }} for literal braces)") from None
+
+
 def _config_check(self: Config, where: str, src: str) -> None:
     check_slug(self.name, "name", src)
+    _check_placeholders(self.output.dir, "output.dir", src)
+    _check_placeholders(self.experiment.results_dir, "experiment.results_dir", src)
     seen: dict[str, str] = {}
     for group in ("task", "general"):
         for i, m in enumerate(getattr(self.evaluation, group)):

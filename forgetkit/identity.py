@@ -81,7 +81,20 @@ def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = obj
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def _sha256(path: Path) -> str:
+    """sha256 of a file, memoised on (path, size, mtime_ns): a plan of many runs over the same
+    data files hashes each file once."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _sha256_uncached(path)
+    return _DIGESTS[key]
+
+
+def _sha256_uncached(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -20,6 +20,7 @@ sets it aside under ``_replaced/`` and deletes it only once the new run has succ
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import glob
@@ -36,6 +37,7 @@ import sys
 import time
 import traceback
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,6 +185,21 @@ def _leaf(key: str) -> str:
     return parts[-1] if parts else key
 
 
+def _name_value(v: Any) -> str:
+    """A grid value as part of a run folder's name: numbers and plain words as they are; a
+    path its file name; anything else (lists, mappings, odd characters) with the characters
+    outside letters, digits and ``._-=+`` replaced by ``_`` and, when that changed it, a short
+    hash of the value, so two different values never share a name."""
+    text = str(v)
+    if isinstance(v, str) and ("/" in v or os.sep in v):
+        text = Path(v).name or text
+    safe = re.sub(r"[^A-Za-z0-9._=+-]", "_", text).strip(".") or "_"
+    if safe != str(v):
+        safe += "-" + hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()
+                                     ).hexdigest()[:6]
+    return safe
+
+
 def expand_arms(arms: list[ArmSpec]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(name, overrides, grid values) per arm; an arm with a grid becomes one arm per point."""
     out = []
@@ -193,7 +210,7 @@ def expand_arms(arms: list[ArmSpec]) -> list[tuple[str, dict[str, Any], dict[str
         keys = list(arm.grid)
         for values in itertools.product(*(arm.grid[k] for k in keys)):
             point = dict(zip(keys, values, strict=True))
-            name = arm.name + "".join(f"@{_leaf(k)}={v}" for k, v in point.items())
+            name = arm.name + "".join(f"@{_leaf(k)}={_name_value(v)}" for k, v in point.items())
             out.append((name, {**arm.overrides, **point}, point))
     return out
 
@@ -210,8 +227,8 @@ def plan_runs(raw: dict[str, Any], src: str, arms: list[str] | None = None,
     opts = base.experiment
     expanded = expand_arms(opts.arms)
     names = [n for n, _, _ in expanded]
-    for n in names:  # grid names (arm@leaf=value) carry values: check the expanded name too
-        check_slug(n, "experiment.arms", src)
+    for arm in opts.arms or []:  # what the user wrote; grid values are made safe above
+        check_slug(arm.name, "experiment.arms", src)
     dup = {n for n in names if names.count(n) > 1}
     if dup or any(not n for n in names):
         raise ConfigError(f"{src}: experiment.arms: arm names must be unique and non-empty "
@@ -367,8 +384,10 @@ def check_plan(base: Config, runs: list[RunSpec], force: bool = False) -> list[C
 
 
 def format_checks(checks: list[Check]) -> str:
-    return "\n".join(f"  {'✓' if c.ok else '✗'} {c.what if c.ok else c.problem or c.what}"
-                     for c in checks)
+    """One line per distinct check (runs that share an input report it once)."""
+    lines = [f"  {'✓' if c.ok else '✗'} {c.what if c.ok else c.problem or c.what}"
+             for c in checks]
+    return "\n".join(dict.fromkeys(lines))
 
 
 # ----------------------------------------------------------------------------- base model
@@ -530,22 +549,75 @@ def _child_error(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+STOP_GRACE_S = 30.0  # a training process gets this long to stop by itself after an interrupt
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop) handled like Ctrl-C while a training stage runs."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_group(proc: subprocess.Popen) -> bytes:
+    """Interrupt the training process group, give it STOP_GRACE_S to stop by itself (it says
+    at which step and leaves its checkpoints intact), kill the group if it does not or if a
+    second interrupt arrives; return its remaining output once the process is gone."""
+    _signal_group(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE_S
+    out = b""
+    while True:
+        try:
+            out += proc.communicate(timeout=max(0.1, deadline - time.monotonic()))[0] or b""
+            return out
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            deadline = time.monotonic() + STOP_GRACE_S
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, but never leave it running
+            _signal_group(proc.pid, signal.SIGKILL)
+
+
 def train_stage(run: RunSpec, launcher: list[str]) -> dict[str, Any]:
     """Run the training stage in its own process; return its train_result.json.
 
     Raises:
         TrainingFailed: the process exited non-zero (message: its own one-line error).
-        RunInterrupted: Ctrl-C (it reaches the training process too, which stops by itself).
+        RunInterrupted: Ctrl-C or SIGTERM (forwarded to the training process group, which
+            stops by itself within STOP_GRACE_S or is killed).
     """
     cfg_path = run.dir / "config.yaml"
     cmd = (launcher or [sys.executable]) + ["-m", "forgetkit.train", str(cfg_path)]
     log.info("training: %s", " ".join(cmd))
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    # Its own process group (session): the runner decides when training stops. A Ctrl-C, or a
+    # SIGINT/SIGTERM sent to the runner alone (a scheduler), is forwarded to the whole group
+    # (a launcher's workers included), and the runner returns only once they are gone, so no
+    # orphaned trainer can write into a run folder that --force has put back meanwhile.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
     tail: deque[bytes] = deque(maxlen=64)
     assert proc.stdout is not None
-    with (run.dir / "train_output.log").open("ab") as fh:
+    with (run.dir / "train_output.log").open("ab") as fh, _sigterm_as_interrupt():
         try:
             for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
                 sys.stderr.buffer.write(chunk)
@@ -554,16 +626,12 @@ def train_stage(run: RunSpec, launcher: list[str]) -> dict[str, Any]:
                 tail.append(chunk)
             rc = proc.wait()
         except KeyboardInterrupt:
-            # Ctrl-C went to the whole process group: let the training process stop by itself
-            # (it says at which step), then kill it if it does not.
-            try:
-                rest = proc.communicate(timeout=30)[0] or b""
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rest = proc.communicate()[0] or b""
+            rest = _stop_group(proc)
             fh.write(rest)
             tail.append(rest)
             raise RunInterrupted(_child_error(b"".join(tail).decode(errors="replace"))) from None
+        finally:
+            _signal_group(proc.pid, signal.SIGKILL)  # what may be left of the group
     text = b"".join(tail).decode(errors="replace")
     if rc in (130, -signal.SIGINT):
         raise RunInterrupted(_child_error(text))
@@ -773,6 +841,9 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
     outcome = Outcome(root, len(runs))
     with dir_lock(root, "results directory"):
         raise_on_problems(reuse_checks(runs, force), src)
+        for w in _orphaned_replacements(runs, root):
+            log.warning("%s", w)
+            outcome.warnings.append(w)
         write_json(root / "plan.json", {"experiment": base.name,
                                         "runs": [{"arm": r.arm, "seed": r.seed, "grid": r.grid,
                                                   "dir": str(r.dir)} for r in runs]})
@@ -790,54 +861,86 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
             old_finished = aside is not None and is_finished(aside)
             log.info("%s: starting", head)
             try:
-                summary = run_one(run, root, opts.launcher)
-                log.info("%s: done in %.0fs", head, summary["wall_time_s"])
+                _one_run(run, head, root, opts, aside, old_finished, stamp, outcome)
             except KeyboardInterrupt as e:
                 note = ""
-                if old_finished:
-                    _restore(run, root, aside, stamp)  # type: ignore[arg-type]
-                    note = "; the finished run from before --force was put back"
+                if aside is not None and aside.exists():
+                    if is_finished(run.dir):  # the new run finished just before the interrupt
+                        _drop_replaced(run, root)
+                    elif old_finished:
+                        _restore(run, root, aside, stamp)
+                        note = "; the finished run from before --force was put back"
+                    else:  # an unfinished earlier attempt that --force replaces anyway
+                        _remove(aside, root)
+                        _prune_empty(aside.parent, root / REPLACED)
                 detail = str(e).removesuffix("; rerun the same command to resume")
                 raise RunInterrupted(
                     f"interrupted during run {i}/{len(runs)} ({run.label})"
                     + (f": {detail}" if detail else "") + note
                     + "; finished runs are kept; rerun the same command to resume") from None
-            except Exception as e:  # recorded, and the other arms continue
-                err = _error_line(e, run.dir)
-                log.error("%s: failed: %s", head, err)
-                _log_failure(run.dir, head, e)
-                _clean_tmp(run.dir, root)
-                summary = {"status": "failed", "arm": run.arm, "seed": run.seed,
-                           "grid": run.grid, "error": err, "log": RUN_LOG}
-            try:
-                write_json(run.dir / SUMMARY, summary)
-            except OSError as e:  # not even the result can be recorded: stop here
-                if old_finished:
-                    _restore(run, root, aside, stamp)  # type: ignore[arg-type]
-                log.error("%s: could not record the result: %s; stopping", head, e)
-                raise
-            if summary["status"] == "ok":
-                _drop_replaced(run, root)
-                if not opts.keep_checkpoints:
-                    for sub in ("model", "checkpoints"):
-                        _remove(run.dir / sub, root)
-                for w in summary["warnings"]:
-                    log.warning("%s: %s", head, w)
-                    outcome.warnings.append(f"{run.label}: {w}")
-            else:
-                outcome.failed.append((run.label, summary["error"]))
-                if old_finished:
-                    kept = _restore(run, root, aside, stamp)  # type: ignore[arg-type]
-                    note = (f"the new run failed, so the finished run from before --force "
-                            f"was put back in {run.dir} (the failed attempt is in {kept})")
-                    log.warning("%s: %s", head, note)
-                    outcome.warnings.append(f"{run.label}: {note}")
-                elif aside is not None:
-                    _remove(aside, root)  # an unfinished earlier attempt: nothing to keep
-                    _prune_empty(aside.parent, root / REPLACED)
-            write_tables(root)
         write_tables(root)
     return outcome
+
+
+def _orphaned_replacements(runs: list[RunSpec], root: Path) -> list[str]:
+    """Finished runs that an earlier ``--force`` set aside and that were never put back (that
+    process was killed), while the run folder itself holds no finished result."""
+    out = []
+    for run in runs:
+        if is_finished(run.dir):
+            continue
+        rel = glob.escape(str(run.dir.relative_to(root)))
+        for old in sorted((root / REPLACED).glob(f"*/{rel}")):
+            if is_finished(old):
+                out.append(f"{run.label}: a finished result set aside by an interrupted "
+                           f"--force is in {old} (not in the tables; move it back to "
+                           f"{run.dir} to keep it, or let this run replace it)")
+    return out
+
+
+def _one_run(run: RunSpec, head: str, root: Path, opts: Any, aside: Path | None,
+             old_finished: bool, stamp: str, outcome: Outcome) -> None:
+    """One run: train and score, record the summary, then keep or put back what --force set
+    aside. Failures are recorded in ``outcome``; an interrupt propagates to the caller."""
+    from forgetkit.summary import write_tables
+
+    try:
+        summary = run_one(run, root, opts.launcher)
+        log.info("%s: done in %.0fs", head, summary["wall_time_s"])
+    except Exception as e:  # recorded, and the other arms continue
+        err = _error_line(e, run.dir)
+        log.error("%s: failed: %s", head, err)
+        _log_failure(run.dir, head, e)
+        _clean_tmp(run.dir, root)
+        summary = {"status": "failed", "arm": run.arm, "seed": run.seed,
+                   "grid": run.grid, "error": err, "log": RUN_LOG}
+    try:
+        write_json(run.dir / SUMMARY, summary)
+    except OSError as e:  # not even the result can be recorded: stop here
+        if old_finished:
+            _restore(run, root, aside, stamp)  # type: ignore[arg-type]
+        log.error("%s: could not record the result: %s; stopping", head, e)
+        raise
+    if summary["status"] == "ok":
+        _drop_replaced(run, root)
+        if not opts.keep_checkpoints:
+            for sub in ("model", "checkpoints"):
+                _remove(run.dir / sub, root)
+        for w in summary["warnings"]:
+            log.warning("%s: %s", head, w)
+            outcome.warnings.append(f"{run.label}: {w}")
+    else:
+        outcome.failed.append((run.label, summary["error"]))
+        if old_finished:
+            kept = _restore(run, root, aside, stamp)  # type: ignore[arg-type]
+            note = (f"the new run failed, so the finished run from before --force "
+                    f"was put back in {run.dir} (the failed attempt is in {kept})")
+            log.warning("%s: %s", head, note)
+            outcome.warnings.append(f"{run.label}: {note}")
+        elif aside is not None:
+            _remove(aside, root)  # an unfinished earlier attempt: nothing to keep
+            _prune_empty(aside.parent, root / REPLACED)
+    write_tables(root)
 
 
 # Effective FLOP/s used for the plan's time estimate: measured here for fp32 on a 2-core CPU

@@ -541,3 +541,61 @@ def test_a_really_full_disk_stops_with_one_line_and_no_tmp_files(tmp_path):
     last = [ln for ln in err.splitlines() if ln.startswith("forgetkit: ")][-1]
     assert "disk full while writing" in last and f"MB free on {root}" in last, err[-3000:]
     assert ".tmp" not in proc.stdout, f"temporary files left behind: {proc.stdout}"
+
+
+def test_results_dir_with_an_unknown_placeholder_is_a_config_error(tmp_path):
+    from forgetkit.config import ConfigError, config_from_dict
+
+    raw = tiny_config_dict(tmp_path)
+    raw["experiment"] = {"results_dir": str(tmp_path / "results" / "{nme}")}
+    with pytest.raises(ConfigError, match=r"experiment.results_dir.*\{nme\}.*\{name\}"):
+        config_from_dict(raw, "x.yaml")
+
+
+def test_grid_values_become_safe_distinct_names():
+    from forgetkit.config import ArmSpec, check_slug
+    from forgetkit.runner import expand_arms
+
+    arms = [ArmSpec(name="b", grid={"data.train.path": ["/data/a/task.jsonl", "/data/b/task.jsonl"],
+                                    "training.lr": [1e-4], "regularizers.0.include": [["mlp"]]})]
+    names = [n for n, _, _ in expand_arms(arms)]
+    assert len(set(names)) == 2, names  # same file name in two folders: still two names
+    for n in names:
+        check_slug(n, "experiment.arms", "test")  # raises if unsafe
+    assert names[0].startswith("b@path=task.jsonl-") and "@lr=0.0001@" in names[0], names
+
+
+def test_interrupt_stops_the_whole_training_group_before_returning(tmp_path, monkeypatch):
+    """A trainer (and a worker it started, as torchrun does) that ignore SIGINT are killed
+    after the grace period: nothing of the group survives to write into a run folder that
+    --force puts back."""
+    import signal
+    import time
+
+    monkeypatch.setattr(runner, "STOP_GRACE_S", 1.0)
+    pids = tmp_path / "pids"
+    code = ("import os, signal, subprocess, sys, time\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "w = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(60)'])\n"
+            f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{w.pid}}')\n"
+            "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not (pids.exists() and len(pids.read_text().split()) == 2):
+        assert time.monotonic() < deadline, "the child did not start"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    runner._stop_group(proc)
+    assert proc.poll() is not None and time.monotonic() - t0 < 20
+    worker = int(pids.read_text().split()[1])
+    for _ in range(100):  # the orphaned worker is reaped by init: wait until it is gone
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker of the training process survived the interrupt")
