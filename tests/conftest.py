@@ -28,6 +28,29 @@ def skip_unless_installed(missing: bool, reason: str) -> None:
     if missing and not IN_CI:
         pytest.skip(reason)
 
+def sigint_default() -> None:
+    """``preexec_fn`` of a subprocess a test interrupts: SIGINT back to its default action.
+    A process started in the background by a non-interactive shell (a CI runner, ``cmd &``)
+    inherits SIGINT *ignored*, and Python then never raises KeyboardInterrupt: a Ctrl-C test
+    must not depend on how the suite was started."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """In this process, SIGINT raises KeyboardInterrupt (Python's own handler) for the test,
+    even where the suite inherited SIGINT ignored (see ``sigint_default``)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 TINY_LLAMA = {
     "model_type": "llama",
     "hidden_size": 64,

@@ -407,7 +407,7 @@ def test_collapse_watch_constant_loss_and_threshold():
 # ----------------------------------------------------------------------------- 6. interrupt
 
 def test_ctrl_c_says_where_and_rerun_resumes_without_duplicate_lines(tiny_cfg, tmp_path,
-                                                                   full_run):
+                                                                   full_run, ctrl_c_raises):
     cfg = tiny_cfg(training=SEC, output={"dir": str(tmp_path / "cut")})
     with pytest.raises(TrainingInterrupted) as ei:
         train(cfg, [Hook(interrupt_at=4)], progress=False)
@@ -426,7 +426,7 @@ def test_ctrl_c_says_where_and_rerun_resumes_without_duplicate_lines(tiny_cfg, t
         train(cfg, [Hook()], progress=False)
 
 
-def test_ctrl_c_before_any_checkpoint(tiny_cfg):
+def test_ctrl_c_before_any_checkpoint(tiny_cfg, ctrl_c_raises):
     with pytest.raises(TrainingInterrupted, match=r"at step 1 \(last checkpoint: none\)"):
         train(tiny_cfg(), [Hook(interrupt_at=2)], progress=False)
 

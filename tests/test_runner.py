@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import tiny_config_dict, write_instruction_data
+from conftest import sigint_default, tiny_config_dict, write_instruction_data
 
 pytestmark = pytest.mark.slow
 
@@ -232,7 +232,7 @@ def test_ctrl_c_during_training_exits_130_and_the_rerun_resumes(tmp_path):
     root = tmp_path / "results" / "tiny_exp"
     proc = subprocess.Popen([sys.executable, "-m", "forgetkit.run", str(config)], cwd=ROOT,
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=sigint_default)
     ckpts = root / "naive" / "seed-0" / "checkpoints"
     deadline = time.time() + 600
     try:
