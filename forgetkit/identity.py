@@ -84,17 +84,19 @@ def _flatten(obj: Any, prefix: str, out: dict[str, Any]) -> None:
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
-def _sha256(path: Path) -> str:
+def file_digest(path: Path) -> str:
     """sha256 of a file, memoised on (path, size, mtime_ns): a plan of many runs over the same
     data files hashes each file once."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
-        _DIGESTS[key] = _sha256_uncached(path)
+        _DIGESTS[key] = sha256_file(path)
     return _DIGESTS[key]
 
 
-def _sha256_uncached(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's contents, read now (no memo: checkpoint verification must see a
+    change that keeps size and mtime)."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -134,7 +136,7 @@ def run_identity(cfg: Config) -> dict[str, Any]:
     _flatten(config_to_dict(cfg), "", flat)
     ident = {k: v for k, v in flat.items() if not _excluded(k, NON_IDENTITY_KEYS)}
     for f in data_files(cfg):
-        ident[f"data_sha256.{f}"] = _sha256(f)
+        ident[f"data_sha256.{f}"] = file_digest(f)
     return ident
 
 

@@ -396,20 +396,11 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
 def _file_digest(path: Path) -> str:
     """sha256 of a file, memoised on (path, size, mtime): cache keys hash data contents."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
+    from forgetkit.identity import file_digest
+
+    return file_digest(path)
 
 
 def _data_digests(specs: list[Any], dirs: list[str | None] = ()) -> dict[str, str]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -50,7 +49,13 @@ from forgetkit.config import Config, ConfigError, dump_config
 from forgetkit.data.batching import collate, epoch_stream, plan_batches, split_step
 from forgetkit.data.sources import build_examples, load_records, select, split_records
 from forgetkit.data.templates import IGNORE_INDEX, Example
-from forgetkit.identity import format_mismatch, identity_diff, identity_digest, training_identity
+from forgetkit.identity import (
+    format_mismatch,
+    identity_diff,
+    identity_digest,
+    sha256_file,
+    training_identity,
+)
 from forgetkit.locking import dir_lock
 from forgetkit.models import human_count, load_model, save_hf_checkpoint
 from forgetkit.regularizers.base import RegContext, Regularizer
@@ -357,14 +362,6 @@ def _set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(d: Path) -> list[str]:
     return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()
                   and p.name != MANIFEST)
@@ -372,7 +369,7 @@ def _files(d: Path) -> list[str]:
 
 def write_manifest(d: Path, step: int, identity_digest: str | None) -> None:
     """The COMPLETE marker: format, step, identity digest and size + sha256 of every file."""
-    files = {f: {"size": (d / f).stat().st_size, "sha256": _sha256(d / f)} for f in _files(d)}
+    files = {f: {"size": (d / f).stat().st_size, "sha256": sha256_file(d / f)} for f in _files(d)}
     doc = {"format": CHECKPOINT_FORMAT, "step": step, "identity_digest": identity_digest,
            "files": files}
     (d / MANIFEST).write_text(json.dumps(doc, indent=1))
@@ -418,7 +415,7 @@ def checkpoint_problem(d: Path) -> str | None:
         size = p.stat().st_size
         if size != meta["size"]:
             return f"{p} has {size} bytes, the manifest says {meta['size']} (truncated?)"
-        if _sha256(p) != meta["sha256"]:
+        if sha256_file(p) != meta["sha256"]:
             return f"{p}: sha256 differs from the manifest (the file is damaged)"
     return None
 
