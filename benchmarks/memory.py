@@ -102,9 +102,8 @@ def run_steps(a: argparse.Namespace, cfg: Any, tok: Any, backend: Any,
     import torch
 
     from forgetkit.models import load_model
-    from forgetkit.regularizers.base import RegContext
     from forgetkit.regularizers.ewc import EWC
-    from forgetkit.train.loop import token_losses
+    from forgetkit.train.loop import reg_context, token_losses
     from forgetkit.train.optim import build_optimizer, param_groups, set_lr
 
     dev = backend.device
@@ -112,14 +111,13 @@ def run_steps(a: argparse.Namespace, cfg: Any, tok: Any, backend: Any,
     model, _ = load_model(cfg.model, tokenizer=tok)
     model = backend.shard(model)
     model.train()
-    ctx = RegContext(model=model, params=backend.local_params, device=dev, rank=0,
-                     world_size=1, tokenizer=tok, backend=backend)
     backend.model = model
     t = cfg.training
     optimizer = build_optimizer(param_groups(list(backend.local_params()), t), t, dev)
+    ctx = reg_context(backend, model, optimizer)
     regs: list[Any] = []
     if a.ewc:
-        reg = EWC(1.0, fisher_data=None)
+        reg = EWC(1.0)
         reg._obtain = lambda ctx: [torch.full_like(x, 1e-3) for x in reg.anchor]  # type: ignore
         reg.prepare(ctx)
         regs.append(reg)

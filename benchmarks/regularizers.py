@@ -47,10 +47,10 @@ def build(a: argparse.Namespace) -> dict[str, Any]:
 
     from forgetkit.config import config_from_dict
     from forgetkit.models import build_byte_tokenizer, load_model
-    from forgetkit.regularizers.base import RegContext
     from forgetkit.regularizers.ewc import EWC
     from forgetkit.regularizers.l2 import L2SP
     from forgetkit.train.distributed import make_backend
+    from forgetkit.train.loop import reg_context
     from forgetkit.train.optim import build_optimizer, param_groups
 
     raw = {"model": {"random_init": {"model_type": "llama", "hidden_size": a.hidden,
@@ -68,18 +68,17 @@ def build(a: argparse.Namespace) -> dict[str, Any]:
     model, _ = load_model(cfg.model, tokenizer=tok)
     model = backend.shard(model)
     model.train()
-    ctx = RegContext(model=model, params=backend.local_params, device=backend.device, rank=0,
-                     world_size=1, tokenizer=tok, backend=backend)
     backend.model = model
     opt = build_optimizer(param_groups(list(backend.local_params()), cfg.training),
                           cfg.training, backend.device)
+    ctx = reg_context(backend, model, opt)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (a.batch, a.seq), generator=g)
     labels = torch.roll(ids, -1, dims=1)
     labels[:, : a.seq // 4] = -100
     labels[:, -1] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    ewc = EWC(1.0, fisher_data=None)
+    ewc = EWC(1.0)
     ewc._obtain = lambda c: [torch.full_like(x, 1e-3) for x in ewc.anchor]  # type: ignore
     regs = {"l2-coupled": L2SP(0.1, "coupled"), "l2-decoupled": L2SP(0.1, "decoupled"),
             "ewc": ewc}

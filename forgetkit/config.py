@@ -6,8 +6,25 @@ strict: an unknown or misspelt key, a value of the wrong type or a value out of 
 and, for unknown keys, the nearest valid key ("did you mean ..."). The command-line faces
 catch it, print the line, and exit with status 2 before anything is written.
 
+Regularizers: each item of ``regularizers:`` is built by its ``type`` into that type's own
+class, which holds exactly the keys the type uses -- :class:`L2Config` (``type: l2``, L2-SP),
+:class:`EWCConfig` (``type: ewc``) and :class:`KLConfig` (``type: kl``, KL to the initial
+model); :data:`RegularizerConfig` is their union. ``type`` is required; a key of another type
+fails with which type it belongs to. ``lambda`` is the YAML spelling of ``lam`` on every type.
+Fields that name or size the data a regularizer needs (:attr:`EWCConfig.DATA_KEYS`,
+:attr:`KLConfig.DATA_KEYS`) are read by the data layer (:mod:`forgetkit.data.sets`), which
+builds the batches; every other field but ``type`` is a constructor argument of the
+regularizer (``tests/test_config.py`` binds each class to its constructor's signature).
+
+Replay is data, not a regularizer: ``data.replay: {data: <DatasetSpec>, ratio: r}``
+(:class:`ReplayConfig`). The legacy spelling ``regularizers: [{type: replay, data: ..., ratio:
+...}]`` still loads: it is moved to ``data.replay`` with a ``FutureWarning`` naming the new
+spelling (a ``config.yaml`` written by forgetkit before this split, whose regularizer entries
+spell out every key of the old shared class, is read back without a warning).
+
 Command-line overrides use ``section.key=value``; the value is parsed as YAML
-(``training.lr=3e-4``, ``data.train.limit=null``, ``regularizers=[]``).
+(``training.lr=3e-4``, ``data.train.limit=null``, ``regularizers=[]``,
+``regularizers.0.lambda=5``, ``data.replay.ratio=0.2``).
 
 This module imports nothing else from forgetkit (it sits at the bottom of the import graph).
 """
@@ -20,9 +37,11 @@ import math
 import re
 import types
 import typing
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -31,11 +50,17 @@ __all__ = [
     "FORMAT_FIELDS",
     "ModelConfig",
     "DatasetSpec",
+    "ReplayConfig",
     "DataConfig",
     "TrainingConfig",
     "DistributedConfig",
     "OutputConfig",
+    "L2Config",
+    "EWCConfig",
+    "KLConfig",
     "RegularizerConfig",
+    "REGULARIZER_CONFIGS",
+    "TRACKERS",
     "MetricSpec",
     "EvaluationConfig",
     "ArmSpec",
@@ -45,6 +70,7 @@ __all__ = [
     "config_from_dict",
     "check_slug",
     "check_complete",
+    "regularizer_data_specs",
     "apply_overrides",
     "parse_overrides",
     "config_to_dict",
@@ -66,9 +92,13 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
 
 
 def _f(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
-       le: float | None = None, lt: float | None = None, factory: Any = None, doc: str = "") -> Any:
-    """A dataclass field with an optional numeric range checked at load time."""
-    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
+       le: float | None = None, lt: float | None = None, factory: Any = None, doc: str = "",
+       missing: str = "") -> Any:
+    """A dataclass field with an optional numeric range checked at load time.
+
+    Without a default (and factory) the key is required; ``missing`` is then what the
+    ConfigError says when a config leaves it out."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc, "missing": missing}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -109,8 +139,28 @@ class DatasetSpec:
     shuffle_before_limit: bool = _f(True)
 
 
+@dataclass(kw_only=True)
+class ReplayConfig:
+    """Replay (rehearsal): general examples mixed into the fine-tuning stream.
+
+    Replay is data, not a regularizer. The data layer tokenises ``data`` like the task's
+    examples (``forgetkit.data.sets.build_example_sets``; ``source`` tag 1, so the loss is also
+    logged as ``loss/replay``) and the batch planner (``forgetkit.data.batching.epoch_stream``)
+    adds replay draws to each epoch's shuffled task examples: the task examples all stay, and
+    ``n_replay = round(ratio * T)`` of the ``T = n_task + n_replay`` examples of the epoch's
+    stream are replay (T the smallest total for which that holds), spread evenly, drawn without
+    replacement from a seeded permutation of the replay pool (cycling when an epoch needs more).
+    """
+
+    data: DatasetSpec = _f(missing="replay needs a data source (the general data to mix in)",
+                           doc="the general data whose examples are mixed in")
+    ratio: float = _f(0.1, gt=0.0, lt=1.0, doc="fraction of the training stream that is replay")
+
+
 @dataclass
 class DataConfig:
+    """The fine-tuning task's data, how it is tokenised and batched, and optional replay."""
+
     train: DatasetSpec = _f(factory=DatasetSpec)
     validation: DatasetSpec | None = _f(None)
     validation_fraction: float = _f(0.05, ge=0.0, lt=1.0,
@@ -119,6 +169,7 @@ class DataConfig:
     train_on_prompt: bool = _f(False, doc="also put loss on prompt tokens")
     batching: Literal["length_grouped", "packed", "random"] = _f("length_grouped")
     pad_to_multiple_of: int = _f(8, ge=1)
+    replay: ReplayConfig | None = _f(None, doc="mix general examples into the training stream")
 
 
 @dataclass
@@ -165,37 +216,104 @@ class DistributedConfig:
     fsdp_reshard_after_forward: bool = _f(True)
 
 
+# Experiment trackers forgetkit can log to (through accelerate's tracker integrations); the
+# choices of ``OutputConfig.trackers`` (tests/test_config.py keeps the two equal).
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
+
+
 @dataclass
 class OutputConfig:
+    """Where a run writes, and what it writes besides its own files."""
+
     dir: str = _f("runs/{name}", doc="output directory; {name} expands to the config's name")
     save_model: bool = _f(True)
+    trackers: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = _f(
+        factory=list, doc="experiment trackers, through accelerate (each at most once); "
+        "train_log.jsonl is always written")
+
+
+_LAM_DOC = "strength lambda (YAML key: lambda or lam)"
+_INCLUDE_DOC = "regex patterns of parameter names (default all)"
 
 
 @dataclass
-class RegularizerConfig:
-    """One regularizer; fields not used by its ``type`` must stay at their defaults."""
+class L2Config:
+    """``type: l2``: L2-SP, a pull of the weights towards their initial values theta0.
 
-    type: Literal["l2", "ewc", "replay", "kl"] = _f("l2")
-    lam: float = _f(1.0, ge=0.0, doc="strength lambda (YAML key: lambda or lam)")
-    variant: Literal["coupled", "decoupled"] = _f("coupled", doc="L2-SP: where the pull acts")
-    include: list[str] = _f(factory=list, doc="regex patterns of parameter names (default all)")
+    Coupled: the gradient ``lam * (theta - theta0)`` of ``lam/2 * ||theta - theta0||^2`` joins
+    the loss gradient (before the clip); decoupled: ``theta <- theta - lr * lam * (theta -
+    theta0)`` after each optimizer step, outside the optimizer's preconditioning
+    (:class:`forgetkit.regularizers.l2.L2SP`; every field but ``type`` is its argument).
+    """
+
+    DATA_KEYS: ClassVar[tuple[str, ...]] = ()
+
+    type: Literal["l2"] = _f("l2")
+    lam: float = _f(1.0, ge=0.0, doc=_LAM_DOC)
+    variant: Literal["coupled", "decoupled"] = _f("coupled", doc="where the pull acts")
+    include: list[str] = _f(factory=list, doc=_INCLUDE_DOC)
     exclude: list[str] = _f(factory=list)
-    anchor_dtype: Literal["float32", "bfloat16", "float16"] = _f("float32")
-    # EWC
-    fisher_data: DatasetSpec | None = _f(None, doc="EWC: data the Fisher is estimated on")
-    fisher_examples: int = _f(256, ge=1)
-    fisher_batch_size: int = _f(8, ge=1)
+    anchor_dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", doc="dtype theta0 is kept in")
+
+
+@dataclass
+class EWCConfig:
+    """``type: ewc``: elastic weight consolidation, ``lam/2 * sum F * (theta - theta0)^2``.
+
+    F is the diagonal Fisher at theta0, estimated on ``fisher_examples`` examples (a seeded
+    subset) of ``fisher_data`` in batches of ``fisher_batch_size`` -- those three keys
+    (:attr:`DATA_KEYS`) go to the data layer, which builds the batches; the other fields but
+    ``type`` are arguments of :class:`forgetkit.regularizers.ewc.EWC` (``fisher_postprocess``
+    and ``fisher_clamp`` as ``postprocess`` and ``clamp``). ``fisher_data`` may be left out
+    only when ``fisher_path`` names an existing Fisher file.
+    """
+
+    DATA_KEYS: ClassVar[tuple[str, ...]] = ("fisher_data", "fisher_examples", "fisher_batch_size")
+
+    type: Literal["ewc"] = _f("ewc")
+    lam: float = _f(1.0, ge=0.0, doc=_LAM_DOC)
+    include: list[str] = _f(factory=list, doc=_INCLUDE_DOC)
+    exclude: list[str] = _f(factory=list)
+    anchor_dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", doc="dtype theta0 is kept in")
+    fisher_data: DatasetSpec | None = _f(None, doc="data the Fisher is estimated on (general "
+                                         "data whose abilities should be kept)")
+    fisher_examples: int = _f(256, ge=1, doc="examples of fisher_data used (a seeded subset)")
+    fisher_batch_size: int = _f(8, ge=1, doc="examples per batch of the estimate")
     estimator: Literal["empirical", "sampled", "batched"] = _f("empirical")
     fisher_samples: int = _f(1, ge=1, doc="sampled estimator: label draws per example")
     fisher_path: str | None = _f(None, doc="load/save the Fisher here (safetensors)")
     fisher_postprocess: Literal["none", "max_normalize", "clamp"] = _f("none")
-    fisher_clamp: float | None = _f(None, gt=0.0)
+    fisher_clamp: float | None = _f(None, gt=0.0, doc="cap of F (fisher_postprocess: clamp)")
     online_gamma: float | None = _f(None, gt=0.0, le=1.0, doc="online EWC decay")
-    # replay
-    ratio: float = _f(0.1, ge=0.0, lt=1.0, doc="replay: fraction of training examples")
-    data: DatasetSpec | None = _f(None, doc="replay/kl: the general data source")
-    # kl
+
+
+@dataclass(kw_only=True)
+class KLConfig:
+    """``type: kl``: ``lam * mean_t KL(p_theta0 || p_theta)`` over the target tokens of a batch
+    of general data, both next-token distributions at ``temperature`` T (``softmax(z / T)``, no
+    ``T^2`` factor), against a frozen copy of the initial model; one KL batch per micro-batch.
+
+    ``data`` and ``batch_size`` (:attr:`DATA_KEYS`) go to the data layer, which builds the
+    endless seeded batch stream; ``lam`` and ``temperature`` are arguments of
+    :class:`forgetkit.regularizers.kl.KLToInit`. ``fisher_batch_size`` is accepted as the
+    legacy spelling of ``batch_size``.
+    """
+
+    DATA_KEYS: ClassVar[tuple[str, ...]] = ("data", "batch_size")
+
+    type: Literal["kl"] = _f("kl")
+    lam: float = _f(1.0, ge=0.0, doc=_LAM_DOC)
+    data: DatasetSpec = _f(missing="a 'kl' regularizer needs a data source (the general data "
+                           "the KL is computed on)", doc="the general data the KL is taken on")
     temperature: float = _f(1.0, gt=0.0)
+    batch_size: int = _f(8, ge=1, doc="examples per KL batch (legacy key: fisher_batch_size)")
+
+
+# One item of ``regularizers:``, chosen by its ``type`` (the loader dispatches on it).
+RegularizerConfig = L2Config | EWCConfig | KLConfig
+REGULARIZER_CONFIGS: dict[str, type] = {"l2": L2Config, "ewc": EWCConfig, "kl": KLConfig}
 
 
 @dataclass
@@ -266,8 +384,15 @@ class Config:
         return Path(self.output.dir.format(name=self.name))
 
 
-# Keys accepted as aliases in YAML (``lambda`` is a Python keyword).
-_ALIASES = {RegularizerConfig: {"lambda": "lam"}}
+# Keys accepted as aliases in YAML (``lambda`` is a Python keyword; KL's batch size was once
+# spelt ``fisher_batch_size``, shared with EWC). Giving a key and its alias both is an error.
+_ALIASES: dict[type, dict[str, str]] = {
+    L2Config: {"lambda": "lam"},
+    EWCConfig: {"lambda": "lam"},
+    KLConfig: {"lambda": "lam", "fisher_batch_size": "batch_size"},
+}
+# Aliases accepted but not offered in "did you mean" / "valid keys" hints.
+_LEGACY_ALIASES = {"fisher_batch_size"}
 
 # Keys that once existed: a config that still sets one fails with what to use instead (a key
 # accepted and ignored would let a user believe it did something).
@@ -327,6 +452,8 @@ def _coerce(tp: Any, value: Any, key: str, src: str) -> Any:
         _check_finite(value, key, src)
         return value
     origin = get_origin(tp)
+    if origin in (Union, types.UnionType) and _tags(tp):
+        return _build_tagged(tp, value, key, src)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value is None:
@@ -393,6 +520,40 @@ def _coerce(tp: Any, value: Any, key: str, src: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug in the schema
 
 
+def _tags(tp: Any) -> dict[str, type]:
+    """``type`` value -> class, for a union of dataclasses that each fix ``type`` to one
+    literal (a tagged union such as :data:`RegularizerConfig`); empty for any other type."""
+    out: dict[str, type] = {}
+    for a in get_args(tp):
+        if not dataclasses.is_dataclass(a):
+            return {}
+        hint = get_type_hints(a).get("type")
+        if get_origin(hint) is not Literal or len(get_args(hint)) != 1:
+            return {}
+        out[get_args(hint)[0]] = a
+    return out
+
+
+# Tags that were once accepted in a tagged union, and what to write instead.
+_MOVED_TAGS = {"replay": "replay is data now: write data.replay: {data: ..., ratio: ...}"}
+
+
+def _build_tagged(tp: Any, value: Any, key: str, src: str) -> Any:
+    """Build one item of a tagged union by its ``type`` key (required, with did-you-mean)."""
+    tags = _tags(tp)
+    choice = "|".join(tags)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{src}: {key}: expected a mapping with type: {choice}, got {value!r}")
+    if "type" not in value:
+        raise ConfigError(f"{src}: {key}.type: missing; expected type: {choice} (which kind "
+                          f"this entry is), got keys {', '.join(map(str, value)) or 'none'}")
+    t = value["type"]
+    if t in _MOVED_TAGS and t not in tags:
+        raise ConfigError(f"{src}: {key}.type: {t!r} is not a type here; {_MOVED_TAGS[t]}")
+    _coerce(Literal[tuple(tags)], t, f"{key}.type", src)  # one of them, or did-you-mean
+    return _build(tags[t], value, key, src)
+
+
 def _check_finite(value: Any, key: str, src: str) -> None:
     """Reject inf/nan (YAML ``.inf``, ``.nan``) anywhere a number is read, nested values too.
 
@@ -431,6 +592,25 @@ def _check_range(f: dataclasses.Field, value: Any, key: str, src: str) -> None:
         raise ConfigError(f"{src}: {key}: expected a value {' and '.join(bounds)}, got {value!r}")
 
 
+def _other_owner(cls: type, key: str) -> str:
+    """For an unknown key of a regularizer type: which other type (or section) it belongs to,
+    as a phrase, or '' when none."""
+    if cls not in REGULARIZER_CONFIGS.values():
+        return ""
+    mine = get_args(get_type_hints(cls)["type"])[0]
+    owners = [t for t, c in REGULARIZER_CONFIGS.items() if c is not cls and
+              (key in {f.name for f in dataclasses.fields(c)} or key in _ALIASES.get(c, {}))]
+    replay = key in {f.name for f in dataclasses.fields(ReplayConfig)}
+    if owners:
+        which = " and ".join(f"'{t}'" for t in owners)
+        also = " (and of data.replay)" if replay else ""
+        return (f"'{key}' is a key of type{'s' if len(owners) > 1 else ''} {which}{also}, "
+                f"not '{mine}'")
+    if replay:
+        return f"'{key}' is a key of data.replay (replay is data, not a regularizer), not '{mine}'"
+    return ""
+
+
 def _build(cls: type, raw: Any, where: str, src: str) -> Any:
     if raw is None:
         raw = {}
@@ -441,20 +621,37 @@ def _build(cls: type, raw: Any, where: str, src: str) -> Any:
     aliases = _ALIASES.get(cls, {})
     removed = _REMOVED.get(cls, {})
     kwargs: dict[str, Any] = {}
+    given: dict[str, str] = {}  # field name -> the key it was given as
+    prefix = where + "." if where else ""
     for k, v in raw.items():
         name = aliases.get(k, k)
-        dotted = f"{where}.{k}" if where else str(k)
+        dotted = f"{prefix}{k}"
         if name not in fmap and k in removed:
             raise ConfigError(f"{src}: {dotted}: {removed[k]}")
         if name not in fmap:
-            valid = sorted(set(fmap) | set(aliases))
-            near = difflib.get_close_matches(str(k), valid, n=1, cutoff=0.5)
-            hint = (f"; did you mean '{where + '.' if where else ''}{near[0]}'?" if near
-                    else f"; valid keys: {', '.join(valid)}")
+            valid = sorted((set(fmap) | set(aliases)) - _LEGACY_ALIASES)
+            owner = _other_owner(cls, str(k))
+            # a key of another type: suggest only this type's spelling of the same thing
+            # (EWC's data is fisher_data), not whatever looks alike
+            near = ([v for v in valid if str(k) in v] if owner else
+                    difflib.get_close_matches(str(k), valid, n=1, cutoff=0.5))
+            hint = (f"; did you mean '{prefix}{near[0]}'?" if near
+                    else "" if owner else f"; valid keys: {', '.join(valid)}")
+            if owner:
+                hint = f": {owner}{hint}" + ("" if near else f" (its keys: {', '.join(valid)})")
             raise ConfigError(f"{src}: unknown key '{dotted}'{hint}")
+        if name in given:
+            raise ConfigError(f"{src}: {prefix}{k}: given twice (as '{given[name]}' and '{k}', "
+                              "which mean the same); keep one")
+        given[name] = str(k)
         value = _coerce(hints[name], v, dotted, src)
         _check_range(fmap[name], value, dotted, src)
         kwargs[name] = value
+    for name, f in fmap.items():
+        if (name not in kwargs and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING):
+            what = f.metadata.get("missing") or f"expected {_type_name(hints[name])}"
+            raise ConfigError(f"{src}: {prefix}{name}: missing; {what}")
     obj = cls(**kwargs)
     check = getattr(obj, "_check", None)
     if check is not None:
@@ -491,28 +688,19 @@ def _training_check(self: TrainingConfig, where: str, src: str) -> None:
                           f"got {self.betas!r}")
 
 
-_REG_FIELDS = {
-    "l2": {"lam", "variant", "include", "exclude", "anchor_dtype"},
-    "ewc": {"lam", "include", "exclude", "anchor_dtype", "fisher_data", "fisher_examples",
-            "fisher_batch_size", "estimator", "fisher_samples", "fisher_path",
-            "fisher_postprocess", "fisher_clamp", "online_gamma"},
-    "replay": {"ratio", "data"},
-    "kl": {"lam", "data", "temperature", "fisher_batch_size"},
-}
+def _ewc_check(self: EWCConfig, where: str, src: str) -> None:
+    if self.fisher_postprocess == "clamp" and self.fisher_clamp is None:
+        raise ConfigError(f"{src}: {where}.fisher_clamp: fisher_postprocess 'clamp' needs a cap, "
+                          "got nothing")
+    if self.fisher_postprocess != "clamp" and self.fisher_clamp is not None:
+        raise ConfigError(f"{src}: {where}.fisher_clamp: only used with fisher_postprocess "
+                          f"'clamp', got postprocess '{self.fisher_postprocess}'")
 
 
-def _reg_check(self: RegularizerConfig, where: str, src: str) -> None:
-    allowed = _REG_FIELDS[self.type] | {"type"}
-    defaults = RegularizerConfig(type=self.type)
-    for f in dataclasses.fields(self):
-        if f.name not in allowed and getattr(self, f.name) != getattr(defaults, f.name):
-            shown = "lambda" if f.name == "lam" else f.name
-            raise ConfigError(f"{src}: {where}.{shown}: not used by a regularizer of type "
-                              f"'{self.type}' (its keys: {', '.join(sorted(allowed))})")
-    if self.type in ("replay", "kl") and self.data is None:
-        raise ConfigError(f"{src}: {where}.data: a '{self.type}' regularizer needs a data source")
-    if self.type == "replay" and not 0.0 < self.ratio < 1.0:
-        raise ConfigError(f"{src}: {where}.ratio: expected a value > 0 and < 1, got {self.ratio}")
+def _output_check(self: OutputConfig, where: str, src: str) -> None:
+    dup = sorted({t for t in self.trackers if self.trackers.count(t) > 1})
+    if dup:
+        raise ConfigError(f"{src}: {where}.trackers: each tracker once, got {dup[0]!r} twice")
 
 
 def _arm_check(self: ArmSpec, where: str, src: str) -> None:
@@ -583,7 +771,8 @@ Config._check = _config_check  # type: ignore[attr-defined]
 ModelConfig._check = _model_check  # type: ignore[attr-defined]
 DatasetSpec._check = _dataset_check  # type: ignore[attr-defined]
 TrainingConfig._check = _training_check  # type: ignore[attr-defined]
-RegularizerConfig._check = _reg_check  # type: ignore[attr-defined]
+EWCConfig._check = _ewc_check  # type: ignore[attr-defined]
+OutputConfig._check = _output_check  # type: ignore[attr-defined]
 MetricSpec._check = _metric_check  # type: ignore[attr-defined]
 ArmSpec._check = _arm_check  # type: ignore[attr-defined]
 
@@ -672,8 +861,117 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return raw
 
 
+# Every key of the one shared regularizer class before the per-type split, with its default:
+# a config.yaml written by forgetkit then spells out all of them in each regularizer entry.
+_LEGACY_REG_DEFAULTS: dict[str, Any] = {
+    "type": "l2", "lam": 1.0, "variant": "coupled", "include": [], "exclude": [],
+    "anchor_dtype": "float32", "fisher_data": None, "fisher_examples": 256,
+    "fisher_batch_size": 8, "estimator": "empirical", "fisher_samples": 1, "fisher_path": None,
+    "fisher_postprocess": "none", "fisher_clamp": None, "online_gamma": None, "ratio": 0.1,
+    "data": None, "temperature": 1.0,
+}
+# The keys each type used then (the rest had to stay at their defaults).
+_LEGACY_REG_KEYS = {
+    "l2": {"lam", "variant", "include", "exclude", "anchor_dtype"},
+    "ewc": {"lam", "include", "exclude", "anchor_dtype", "fisher_data", "fisher_examples",
+            "fisher_batch_size", "estimator", "fisher_samples", "fisher_path",
+            "fisher_postprocess", "fisher_clamp", "online_gamma"},
+    "replay": {"ratio", "data"},
+    "kl": {"lam", "data", "temperature", "fisher_batch_size"},
+}
+
+
+def _upgrade_dumped_entry(entry: dict[str, Any], key: str, src: str) -> dict[str, Any]:
+    """A regularizer entry of an old ``config.yaml`` (every key of the old shared class): keep
+    its type's keys (KL's ``fisher_batch_size`` as ``batch_size``), drop the others, which must
+    hold their old defaults (anything else was rejected when the file was written)."""
+    t = entry["type"]
+    used = _LEGACY_REG_KEYS.get(t)
+    if used is None:
+        return entry  # an unknown type fails with did-you-mean later
+    out: dict[str, Any] = {"type": t}
+    for k, v in entry.items():
+        if k == "type":
+            continue
+        if k in used:
+            out["batch_size" if (t, k) == ("kl", "fisher_batch_size") else k] = v
+        elif v != _LEGACY_REG_DEFAULTS[k]:
+            shown = "lambda" if k == "lam" else k
+            raise ConfigError(f"{src}: {key}.{shown}: not used by a regularizer of type '{t}', "
+                              f"got {v!r}")
+    return out
+
+
+def _upgrade_legacy(raw: Any, src: str) -> Any:
+    """Old spellings of the regularizer list, rewritten (on a copy) into today's:
+
+    * a ``config.yaml`` entry that spells out every key of the old shared regularizer class is
+      cut to its type's keys (:func:`_upgrade_dumped_entry`), silently: it is a record;
+    * ``{type: replay, data: ..., ratio: ...}`` moves to ``data.replay`` (with a FutureWarning
+      unless it came from such a record). Only one replay source: two legacy entries, or one
+      and ``data.replay``, are a ConfigError.
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("regularizers"), list):
+        return raw
+    regs: list[Any] = []
+    replay: tuple[int, dict[str, Any], bool] | None = None
+    for i, entry in enumerate(raw["regularizers"]):
+        key = f"regularizers[{i}]"
+        dumped = isinstance(entry, dict) and set(entry) == set(_LEGACY_REG_DEFAULTS)
+        if dumped:
+            entry = _upgrade_dumped_entry(entry, key, src)
+        if not (isinstance(entry, dict) and entry.get("type") == "replay"):
+            regs.append(entry)
+            continue
+        if replay is not None:
+            raise ConfigError(f"{src}: {key}: a second replay source (regularizers[{replay[0]}] "
+                              "is one); replay mixes in one data source (data.replay)")
+        body = {k: v for k, v in entry.items() if k != "type"}
+        for k in body:
+            if k not in ("data", "ratio"):
+                near = difflib.get_close_matches(str(k), ["data", "ratio"], n=1, cutoff=0.5)
+                hint = f"did you mean '{key}.{near[0]}'? " if near else ""
+                raise ConfigError(f"{src}: unknown key '{key}.{k}'; {hint}a replay entry has "
+                                  "data and ratio only (better: write data.replay: {data: ..., "
+                                  "ratio: ...})")
+        _build(ReplayConfig, body, key, src)  # its errors name the key the user wrote
+        replay = (i, body, dumped)
+    if replay is None:
+        return {**raw, "regularizers": regs} if regs != raw["regularizers"] else raw
+    i, body, dumped = replay
+    data = raw.get("data")
+    if data is not None and not isinstance(data, dict):
+        return raw  # "data: expected a mapping" is reported by the loader
+    data = dict(data or {})
+    if data.get("replay") is not None:
+        raise ConfigError(f"{src}: regularizers[{i}]: replay is given twice, here (the legacy "
+                          "spelling type: replay) and as data.replay; keep data.replay only")
+    if not dumped:
+        warnings.warn(f"{src}: regularizers[{i}]: 'type: replay' is deprecated (replay is data, "
+                      "not a regularizer); write data.replay: {data: ..., ratio: ...} instead "
+                      "(read as that now)", FutureWarning, stacklevel=3)
+    data["replay"] = body
+    return {**raw, "regularizers": regs, "data": data}
+
+
 def config_from_dict(raw: dict[str, Any], src: str = "<config>") -> Config:
-    return _build(Config, raw, "", src)
+    """Validate a raw mapping (YAML as read, overrides applied) into a :class:`Config`.
+
+    Legacy spellings are upgraded first (:func:`_upgrade_legacy`; ``raw`` is not modified).
+    Raises ConfigError on any problem."""
+    return _build(Config, _upgrade_legacy(raw, src), "", src)
+
+
+def regularizer_data_specs(cfg: Config) -> Iterator[tuple[str, DatasetSpec]]:
+    """(dotted key, spec) of every data source the mitigations read: ``data.replay.data``, then
+    each regularizer's (EWC ``fisher_data``, KL ``data``), in config order."""
+    if cfg.data.replay is not None:
+        yield "data.replay.data", cfg.data.replay.data
+    for i, rc in enumerate(cfg.regularizers):
+        for k in rc.DATA_KEYS:
+            spec = getattr(rc, k)
+            if isinstance(spec, DatasetSpec):
+                yield f"regularizers[{i}].{k}", spec
 
 
 def check_complete(cfg: Config, src: str) -> None:

@@ -19,10 +19,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from forgetkit.config import Config, config_to_dict
+from forgetkit.config import Config, config_to_dict, regularizer_data_specs
 
-__all__ = ["NON_IDENTITY_KEYS", "TRAINING_ONLY_KEYS", "run_identity", "training_identity",
-           "identity_digest", "identity_diff", "format_mismatch", "data_files"]
+__all__ = ["NON_IDENTITY_KEYS", "NUMERICS_KEY", "NUMERICS_VERSION", "TRAINING_ONLY_KEYS", "run_identity", "training_identity",
+           "identity_digest", "identity_diff", "format_mismatch", "data_files",
+           "fisher_identity"]
 
 # Dotted keys (exact, or a prefix ending in ".") left out of the identity, and why each one
 # cannot change what a run computes:
@@ -56,6 +57,18 @@ NON_IDENTITY_KEYS: tuple[str, ...] = (
     "experiment.results_dir",
     "experiment.keep_checkpoints",
 )
+
+# What a run's numbers depend on beyond its config and data files: forgetkit's own computation.
+# Bumped whenever the same config computes something else; a run (or checkpoint) made by an
+# earlier version is then not reused (or resumed) as if it were this one. A saved identity
+# without the key is version 1.
+NUMERICS_VERSION = 2
+NUMERICS_KEY = "forgetkit.numerics"
+NUMERICS_CHANGES: dict[int, str] = {
+    1: "forgetkit up to 2026-12-01",
+    2: "learning-rate schedules are transformers' (warmup starts at lr 0 on step 0; the peak is "
+       "used on one step)",
+}
 
 # Also left out of a *checkpoint's* identity (training_identity): evaluation happens after
 # training, on the saved model, so changing a metric must not invalidate training checkpoints
@@ -105,12 +118,12 @@ def sha256_file(path: Path) -> str:
 
 
 def data_files(cfg: Config) -> list[Path]:
-    """Every local file the config reads as data: train/validation, each regularizer's
-    fisher_data/data, each evaluation metric's data, and the files under an lm-eval
-    ``include_path``. Paths that are not existing files (hub names, aliases) are left out."""
+    """Every local file the config reads as data: train/validation, replay's data, each
+    regularizer's fisher_data/data, each evaluation metric's data, and the files under an
+    lm-eval ``include_path``. Paths that are not existing files (hub names, aliases) are left
+    out."""
     specs = [cfg.data.train, cfg.data.validation]
-    for rc in cfg.regularizers:
-        specs += [rc.fisher_data, rc.data]
+    specs += [spec for _, spec in regularizer_data_specs(cfg)]
     dirs: list[Path] = []
     for m in list(cfg.evaluation.task) + list(cfg.evaluation.general):
         specs.append(m.data)
@@ -128,7 +141,8 @@ def data_files(cfg: Config) -> list[Path]:
 
 def run_identity(cfg: Config) -> dict[str, Any]:
     """The flat identity of a run: resolved config minus NON_IDENTITY_KEYS, plus
-    ``data_sha256.<path>: hexdigest`` for every local data file (:func:`data_files`).
+    ``data_sha256.<path>: hexdigest`` for every local data file (:func:`data_files`) and
+    ``forgetkit.numerics`` (:data:`NUMERICS_VERSION`).
 
     JSON-serialisable; compare two with :func:`identity_diff`, store :func:`identity_digest`.
     """
@@ -137,6 +151,7 @@ def run_identity(cfg: Config) -> dict[str, Any]:
     ident = {k: v for k, v in flat.items() if not _excluded(k, NON_IDENTITY_KEYS)}
     for f in data_files(cfg):
         ident[f"data_sha256.{f}"] = file_digest(f)
+    ident[NUMERICS_KEY] = NUMERICS_VERSION
     return ident
 
 
@@ -172,7 +187,10 @@ def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
         if a is _ABSENT or b is _ABSENT or json.dumps(a, default=str) != json.dumps(b, default=str):
-            out.append(f"{k}: {_show(a)} -> {_show(b)}")
+            line = f"{k}: {_show(a)} -> {_show(b)}"
+            if k == NUMERICS_KEY and b in NUMERICS_CHANGES:  # say what changed in forgetkit
+                line += f" (forgetkit's computation changed since: {NUMERICS_CHANGES[b]})"
+            out.append(line)
     return out
 
 
@@ -184,3 +202,31 @@ def format_mismatch(what: str, diff: list[str], remedies: str, limit: int = 6) -
     n = len(diff)
     return (f"{what} differs from the requested config in {n} key{'s' if n != 1 else ''}: "
             f"{shown or '(identity digest only)'}. {remedies}")
+
+
+def fisher_identity(cfg: Config, rc: Any) -> dict[str, Any]:
+    """What an EWC regularizer's Fisher estimate depends on, apart from the weights it is taken
+    at: the Fisher data (its spec and, for a local file, its contents), how many examples and
+    which subset (the run's seed), the estimator and its draws, the batch size (the ``batched``
+    estimator averages per batch), the parameter selection and the tokenisation settings.
+
+    The one definition both users key with: the runner's shared Fisher cache file adds the base
+    model's identity (``forgetkit.runner.share_fisher``), EWC's own per-run copy adds theta0's
+    fingerprint (``forgetkit.regularizers.ewc``).
+
+    Args:
+        cfg: the run config.
+        rc: one of its EWC regularizer configs.
+    """
+    spec = rc.fisher_data
+    ident: dict[str, Any] = {
+        "fisher_data": config_to_dict(spec) if spec is not None else None,
+        "fisher_examples": rc.fisher_examples, "fisher_batch_size": rc.fisher_batch_size,
+        "estimator": rc.estimator, "fisher_samples": rc.fisher_samples,
+        "include": list(rc.include), "exclude": list(rc.exclude),
+        "max_length": cfg.data.max_length, "train_on_prompt": cfg.data.train_on_prompt,
+        "pad_to_multiple_of": cfg.data.pad_to_multiple_of, "seed": cfg.seed,
+    }
+    if spec is not None and spec.path and Path(spec.path).is_file():
+        ident["data_sha256"] = file_digest(Path(spec.path))
+    return ident

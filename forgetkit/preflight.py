@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from forgetkit.config import ConfigError, DatasetSpec, MetricSpec
+from forgetkit.config import ConfigError, DatasetSpec, MetricSpec, regularizer_data_specs
 
 if TYPE_CHECKING:
     from forgetkit.config import Config
@@ -88,11 +88,7 @@ def data_specs(cfg: Config, evaluation: bool = True) -> Iterator[tuple[str, Data
     yield "data.train", cfg.data.train
     if cfg.data.validation is not None:
         yield "data.validation", cfg.data.validation
-    for i, rc in enumerate(cfg.regularizers):
-        if rc.fisher_data is not None:
-            yield f"regularizers[{i}].fisher_data", rc.fisher_data
-        if rc.data is not None:
-            yield f"regularizers[{i}].data", rc.data
+    yield from regularizer_data_specs(cfg)  # data.replay.data, EWC fisher_data, KL data
     if evaluation:
         for key, spec in _metrics(cfg):
             if spec.data is not None:
@@ -282,7 +278,20 @@ def preflight(cfg: Config, *, launcher: list[str] | None = None, evaluation: boo
     checks.extend(_device_checks(cfg, evaluation, lau))
     checks.append(_cached(cache, ("launcher", tuple(lau)), "launcher",
                           lambda: _check_launcher(lau)))
+    if cfg.output.trackers:
+        names = tuple(cfg.output.trackers)
+        checks.append(_cached(cache, ("trackers", names), "output.trackers",
+                              lambda: _check_trackers(list(names))))
     return checks
+
+
+def _check_trackers(names: list[str]) -> str:
+    """Every experiment tracker's package is importable (a missing one fails here, not after
+    the before-evaluation)."""
+    from forgetkit.train.tracking import check_trackers
+
+    check_trackers(names)
+    return ", ".join(names)
 
 
 def raise_on_problems(checks: list[Check], src: str) -> None:

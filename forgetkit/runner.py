@@ -54,6 +54,7 @@ from forgetkit.config import (
     dump_config,
     read_yaml,
 )
+from forgetkit.identity import NUMERICS_KEY
 from forgetkit.results import (
     IDENTITY,
     RUN_LOG,
@@ -280,12 +281,31 @@ def saved_identity(rdir: Path) -> dict[str, Any]:
             ident = read_json(p)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{p}: unreadable ({e})") from None
-        if isinstance(ident, dict):
-            return ident
-        raise ConfigError(f"{p}: not a JSON object")
+        if not isinstance(ident, dict):
+            raise ConfigError(f"{p}: not a JSON object")
+        ident.setdefault(NUMERICS_KEY, 1)  # saved before forgetkit's numerics were versioned
+        c = rdir / "config.yaml"
+        if not any(k == "data.replay" or k.startswith("data.replay.") for k in ident) \
+                and c.is_file():
+            # Saved before regularizers had one config class per type (and replay moved to
+            # data.replay): re-derive the config keys from config.yaml in today's spelling,
+            # keep the saved data digests and numerics version.
+            fresh = _identity_from_config_file(c)
+            return {**{k: v for k, v in fresh.items()
+                       if not k.startswith("data_sha256.") and k != NUMERICS_KEY},
+                    **{k: v for k, v in ident.items()
+                       if k.startswith("data_sha256.") or k == NUMERICS_KEY}}
+        return ident
     c = rdir / "config.yaml"
     if not c.is_file():
         raise ConfigError(f"{rdir}: neither {IDENTITY} nor config.yaml says which config it ran")
+    # A run this old predates versioned numerics: version 1 (today's code would compute
+    # something else for its config, so it is not reused as today's run).
+    return {**_identity_from_config_file(c), NUMERICS_KEY: 1}
+
+
+def _identity_from_config_file(c: Path) -> dict[str, Any]:
+    """:func:`identity_of` the config a run folder's ``config.yaml`` holds."""
     raw = read_yaml(c)
     # Keys outside the identity are dropped before validation: a key since removed from the
     # schema (output.overwrite) or an old arm list must not make an old run unreadable.
@@ -440,16 +460,12 @@ def share_fisher(cfg: Config, root: Path) -> None:
     sweep) or in other regularizers estimate the Fisher once and reuse it. Online EWC keeps its
     own chain.
     """
+    from forgetkit.identity import fisher_identity
+
     for rc in cfg.regularizers:
         if rc.type != "ewc" or rc.fisher_path or rc.online_gamma is not None:
             continue
-        key = _hash({"model": base_model_identity(cfg),
-                     "fisher": {k: v for k, v in config_to_dict(rc).items()
-                                if k in ("fisher_data", "fisher_examples", "fisher_batch_size",
-                                         "estimator", "fisher_samples", "include", "exclude")},
-                     "max_length": cfg.data.max_length, "train_on_prompt":
-                     cfg.data.train_on_prompt, "seed": cfg.seed,
-                     "data": _data_digests([rc.fisher_data])})
+        key = _hash({"model": base_model_identity(cfg), "fisher": fisher_identity(cfg, rc)})
         rc.fisher_path = str(root / "_cache" / f"fisher-{key}.safetensors")
 
 
@@ -714,8 +730,8 @@ def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
         after["wise"] = wise_scores(run, base, run.cfg.evaluation.wise_alphas)
     write_json(run.dir / "eval_after.json", after)
     sources = {"train": run.cfg.data.train.path or run.cfg.data.train.name,
-               "replay": [r.data.path or r.data.name for r in run.cfg.regularizers
-                          if r.type == "replay" and r.data is not None],
+               "replay": [run.cfg.data.replay.data.path or run.cfg.data.replay.data.name]
+               if run.cfg.data.replay is not None else [],
                "fisher": [(r.fisher_data.path or r.fisher_data.name) if r.fisher_data else None
                           for r in run.cfg.regularizers if r.type == "ewc"]}
     return {"status": "ok", "arm": run.arm, "seed": run.seed, "grid": run.grid,
@@ -1052,7 +1068,9 @@ def describe_plan(base: Config, runs: list[RunSpec]) -> str:
                 steps = f"~{n_steps[-1]}"
             except (ConfigError, OSError) as e:
                 steps = f"? ({e})"
-        regs = ", ".join(x.type for x in r.cfg.regularizers) or "none"
+        regs = ", ".join([x.type for x in r.cfg.regularizers] + (
+            [f"replay {r.cfg.data.replay.ratio:g}"] if r.cfg.data.replay is not None else [])
+        ) or "none"
         done = " [finished]" if is_finished(r.dir) else ""
         lines.append(f"  {r.arm:<24} seed {r.seed:<4} steps {steps:<8} global batch/process "
                      f"{gb:<4} regularizers: {regs}{done}")

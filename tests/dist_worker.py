@@ -67,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from forgetkit.cli import setup_logging
     from forgetkit.config import load_config
-    from forgetkit.regularizers.build import build_regularizers
     from forgetkit.train import loop
 
     cfg = load_config(args.config, args.overrides)
@@ -80,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return made[-1]
 
     loop.make_backend = recording_make_backend  # the loop looks it up at call time
-    regs, replay, ratio = build_regularizers(cfg)
-    result = loop.train(cfg, regs, replay=replay, replay_ratio=ratio, progress=False)
+    result = loop.train(cfg, progress=False)
     backend = made[0]
     report = describe(backend) | {"steps": result.steps, "resumed_from": result.resumed_from}
     (result.out_dir / f"worker-rank{backend.rank}.json").write_text(json.dumps(report))

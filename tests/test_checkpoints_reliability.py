@@ -505,8 +505,6 @@ def test_disk_full_on_a_real_small_tmpfs(tiny_cfg, small_tmpfs):
 
 def test_l2_ewc_kl_states_round_trip_without_pickle(tiny_cfg, tmp_path):
     """The shipped regularizers' states go through JSON (+ safetensors) and resume exactly."""
-    from forgetkit.regularizers.build import build_regularizers
-
     data = str(tmp_path / "task.jsonl")
     regs = [{"type": "l2", "lambda": 0.1},
             {"type": "ewc", "lambda": 1.0, "fisher_data": {"path": data}, "fisher_examples": 8,
@@ -516,8 +514,7 @@ def test_l2_ewc_kl_states_round_trip_without_pickle(tiny_cfg, tmp_path):
 
     def run(out: str):
         cfg = tiny_cfg(training=sec, regularizers=regs, output={"dir": str(tmp_path / out)})
-        r, _, _ = build_regularizers(cfg)
-        return train(cfg, r, progress=False)
+        return train(cfg, progress=False)
 
     full = run("full")
     cut = run("cut")

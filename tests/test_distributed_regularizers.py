@@ -85,7 +85,10 @@ def config_dict(out_dir: Path, accum: int, regularizers: list[dict[str, Any]] | 
     cfg = yaml.safe_load(SMOKE.read_text())
     cfg["data"]["train"].update(path=str(DATA), limit=64)
     cfg["training"].update(micro_batch_size=MICRO, gradient_accumulation_steps=accum,
-                           max_steps=MAX_STEPS, log_every=1, eval_every=0, checkpoint_every=0)
+                           max_steps=MAX_STEPS, log_every=1, eval_every=0, checkpoint_every=0,
+                           # no warmup: under transformers' schedule warmup step 0 has lr 0, and
+                           # the penalties would stay 0 one step longer
+                           warmup_ratio=0.0, warmup_steps=0)
     cfg["regularizers"] = REGULARIZERS if regularizers is None else regularizers
     cfg["distributed"] = {"cpu": True, **distributed}
     cfg["output"] = {"dir": str(out_dir)}
@@ -140,8 +143,10 @@ def test_reference_fisher_is_per_example_and_distinguishable(runs: dict[str, Pat
     """The reference Fisher is the per-example empirical Fisher at theta0 (recomputed here),
     and the square of averaged gradients is far outside FISHER_RTOL of it."""
     from forgetkit.config import load_config
+    from forgetkit.data.batching import make_batches
+    from forgetkit.data.sets import load_examples
     from forgetkit.models import load_model
-    from forgetkit.regularizers.fisher import estimate_fisher, load_examples, make_batches
+    from forgetkit.regularizers.fisher import estimate_fisher
 
     ref = fisher(runs["reference"])
     cfg = load_config(runs["reference"].parent / "reference.yaml")
@@ -235,7 +240,7 @@ def test_step_1_is_the_naive_step(name: str, runs: dict[str, Path]) -> None:
 
 # ----------------------------------------------------------------------------- KL under DDP
 
-KL = [{"type": "kl", "lambda": 1.0, "temperature": 2.0, "fisher_batch_size": 2,
+KL = [{"type": "kl", "lambda": 1.0, "temperature": 2.0, "batch_size": 2,
        "data": {"path": str(GENERAL), "format": "text"}}]
 
 

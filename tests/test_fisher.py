@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from forgetkit.config import DatasetSpec, ModelConfig
+from forgetkit.data.batching import make_batches
+from forgetkit.data.sets import load_examples
 from forgetkit.data.templates import IGNORE_INDEX
 from forgetkit.models import load_model
 from forgetkit.regularizers import EWC, RegContext
 from forgetkit.regularizers.fisher import (
     estimate_fisher,
-    load_examples,
     load_fisher,
-    make_batches,
     postprocess_fisher,
     save_fisher,
 )
@@ -204,14 +204,13 @@ def test_fisher_file_round_trip_and_postprocess(tmp_path, tiny):
 
 # ----------------------------------------------------------------------------- EWC life cycle
 
-def _ctx(model, tok):
-    return RegContext(model=model, params=model.named_parameters, device=torch.device("cpu"),
-                      tokenizer=tok)
+def _ctx(model, tok=None):
+    return RegContext(model=model, params=model.named_parameters, device=torch.device("cpu"))
 
 
 def test_ewc_prepare_estimates_saves_reloads_and_online(tmp_path, tiny):
     model, tok, examples = tiny
-    kw = dict(fisher_data=GENERAL, fisher_examples=8, fisher_batch_size=4, max_length=64)
+    kw = dict(batches=make_batches(examples, 4, tok.pad_token_id))
     path = tmp_path / "fisher.safetensors"
     a = EWC(1.0, fisher_path=path, run_dir=tmp_path / "runA", **kw)
     a.prepare(_ctx(model, tok))
@@ -222,7 +221,7 @@ def test_ewc_prepare_estimates_saves_reloads_and_online(tmp_path, tiny):
     assert meta["estimator"] == "empirical" and meta["n_examples"] == 8
 
     # an existing fisher_path is read, not re-estimated (no data needed)
-    b = EWC(1.0, fisher_data=None, fisher_path=path, max_length=64)
+    b = EWC(1.0, batches=None, fisher_path=path)
     b.prepare(_ctx(model, tok))
     for x, y in zip(a.fisher, b.fisher, strict=True):
         assert torch.equal(x, y)
@@ -243,8 +242,7 @@ def test_ewc_prepare_estimates_saves_reloads_and_online(tmp_path, tiny):
         assert torch.equal(x, y)
     d.load_state_dict(c.state_dict())
 
-    e = EWC(1.0, postprocess="max_normalize", fisher_path=path, fisher_data=None,
-            max_length=64)
+    e = EWC(1.0, postprocess="max_normalize", fisher_path=path, batches=None)
     e.prepare(_ctx(model, tok))
     assert max(float(f.max()) for f in e.fisher) == pytest.approx(1.0)
 
@@ -312,12 +310,12 @@ STEP1_RTOL = 1e-6
     ("empirical", "vmap"), ("empirical", "loop"), ("sampled", "vmap"), ("sampled", "loop"),
     ("batched", "auto")])
 def test_ewc_on_a_parameter_subset_trains_step_1_on_its_own_gradient(
-        tiny_cfg, tmp_path, select, estimator, per_example):
+        tiny_cfg, tiny, tmp_path, select, estimator, per_example):
     cfg_naive = tiny_cfg(training={"max_steps": 1}, output={"dir": str(tmp_path / "naive")})
     cfg_ewc = tiny_cfg(training={"max_steps": 1}, output={"dir": str(tmp_path / "ewc")})
-    ewc = EWC(100.0, fisher_data=GENERAL, fisher_examples=8, fisher_batch_size=4,
-              estimator=estimator, fisher_samples=2, max_length=64, per_example=per_example,
-              **select)
+    _, tok, examples = tiny
+    ewc = EWC(100.0, batches=make_batches(examples, 4, tok.pad_token_id), estimator=estimator,
+              fisher_samples=2, per_example=per_example, **select)
     norm0, w0 = _step1(cfg_naive, [])
     norm1, w1 = _step1(cfg_ewc, [ewc])
     assert 0 < len(ewc.names) < len(w0), "the subset is not a proper subset"
@@ -360,3 +358,17 @@ def test_the_loop_starts_from_zero_gradients(tiny_cfg, tmp_path):
     norm1, w1 = _step1(tiny_cfg(training={"max_steps": 1},
                                 output={"dir": str(tmp_path / "b")}), [Messy()])
     assert norm1 == pytest.approx(norm0, rel=STEP1_RTOL), (norm1, norm0)
+
+
+def test_fisher_carries_no_autograd_history(tiny):
+    """Every path returns plain tensors: a Fisher that required grad would keep the estimate's
+    graph alive and put the Fisher itself into EWC's backward (a subset leaves other parameters
+    requiring grad, which vmap's outer autograd used to record)."""
+    model, tok, examples = tiny
+    batches = make_batches(examples, 4, tok.pad_token_id)
+    subset = [(n, p) for n, p in model.named_parameters() if "mlp" in n]
+    for estimator, per_example in [("empirical", "vmap"), ("empirical", "loop"),
+                                   ("sampled", "vmap"), ("batched", "auto")]:
+        fd = estimate_fisher(model, batches, estimator, params=subset, per_example=per_example)
+        assert not any(t.requires_grad or t.grad_fn is not None for t in fd.values()), (
+            f"{estimator}/{per_example}")

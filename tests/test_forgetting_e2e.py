@@ -59,10 +59,10 @@ import pytest
 import torch
 
 from forgetkit.config import DatasetSpec, ModelConfig, config_from_dict
+from forgetkit.data.batching import make_batches
+from forgetkit.data.sets import load_examples
 from forgetkit.data.templates import IGNORE_INDEX
 from forgetkit.models import load_model
-from forgetkit.regularizers.build import build_regularizers
-from forgetkit.regularizers.fisher import load_examples, make_batches
 from forgetkit.train.loop import token_losses, train
 
 pytestmark = pytest.mark.slow
@@ -109,10 +109,11 @@ def _spec(path: Path) -> dict[str, Any]:
 
 def _config(out: Path, model: dict[str, Any], data: Path, steps: int, lr: float,
             batch: int, regularizers: Sequence[dict[str, Any]] = (),
-            clip_scope: str = "all") -> Any:
+            clip_scope: str = "all", replay: dict[str, Any] | None = None) -> Any:
     return config_from_dict({
         "name": out.name, "seed": SEED, "model": model,
-        "data": {"train": _spec(data), "validation_fraction": 0.0, "max_length": MAX_LENGTH},
+        "data": {"train": _spec(data), "validation_fraction": 0.0, "max_length": MAX_LENGTH,
+                 "replay": replay},
         "training": {"micro_batch_size": batch, "max_steps": steps, "lr": lr,
                      "warmup_ratio": 0.1, "scheduler": "cosine", "log_every": 10,
                      "resume": False, "clip_scope": clip_scope},
@@ -122,8 +123,7 @@ def _config(out: Path, model: dict[str, Any], data: Path, steps: int, lr: float,
 
 
 def _run(cfg: Any) -> Path:
-    regs, replay, ratio = build_regularizers(cfg)
-    result = train(cfg, regs, replay=replay, replay_ratio=ratio, progress=False)
+    result = train(cfg, progress=False)
     assert result.model_dir is not None
     return result.model_dir
 
@@ -159,18 +159,19 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
         "init": {"A": heldout_loss(None, a_test, init), "B": heldout_loss(None, b_test, init)},
         "theta_A": {"A": heldout_loss(theta_a, a_test), "B": heldout_loss(theta_a, b_test)},
     }
-    methods: dict[str, list[dict[str, Any]]] = {
-        "naive": [],
-        "l2": [{"type": "l2", "lambda": L2_LAMBDA}],
-        "ewc": [{"type": "ewc", "lambda": EWC_LAMBDA, "fisher_data": _spec(a_train),
-                 "fisher_examples": 64, "fisher_batch_size": 16}],
-        "replay": [{"type": "replay", "ratio": REPLAY_RATIO, "data": _spec(a_train)}],
+    methods: dict[str, dict[str, Any]] = {  # _config keywords of each method
+        "naive": {},
+        "l2": {"regularizers": [{"type": "l2", "lambda": L2_LAMBDA}]},
+        "ewc": {"regularizers": [{"type": "ewc", "lambda": EWC_LAMBDA,
+                                  "fisher_data": _spec(a_train), "fisher_examples": 64,
+                                  "fisher_batch_size": 16}]},
+        "replay": {"replay": {"ratio": REPLAY_RATIO, "data": _spec(a_train)}},
     }
     start = {"name_or_path": str(theta_a)}  # the HF checkpoint dir (tokenizer saved with it)
-    for name, regs in methods.items():
+    for name, kw in methods.items():
         run_dir = root / f"task_b_{name}"
-        model_dir = _run(_config(run_dir, start, b_train, B_STEPS, B_LR, B_BATCH, regs,
-                                 clip_scope=B_CLIP_SCOPE))
+        model_dir = _run(_config(run_dir, start, b_train, B_STEPS, B_LR, B_BATCH,
+                                 clip_scope=B_CLIP_SCOPE, **kw))
         out[name] = {"A": heldout_loss(model_dir, a_test), "B": heldout_loss(model_dir, b_test)}
         logs = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
         out[name]["logged"] = logs

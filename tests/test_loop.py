@@ -13,10 +13,12 @@ from numerics import assert_tensors_close, diff_report, relative_update_diff
 from safetensors.torch import load_file
 
 from forgetkit.train.loop import NonFiniteLoss, train
-from forgetkit.train.optim import count_layers, layer_depth, lr_factor, param_groups
+from forgetkit.train.optim import count_layers, layer_depth, param_groups
 
 # Losses of the first 4 optimizer steps of the tiny config (seed 0, torch 2.13 CPU fp32).
-GOLDEN = [5.574470, 5.435926, 5.435996, 5.300259]
+# Recomputed when the schedule became transformers' (warmup step 0 at lr 0; tests/test_schedules.py
+# checks the schedule itself against transformers and a real Trainer).
+GOLDEN = [5.574470, 5.544334, 5.511092, 5.385205]
 
 
 def losses(out_dir: Path) -> list[float]:
@@ -105,18 +107,6 @@ def test_resume_equals_uninterrupted(tiny_cfg, tmp_path):
     assert second.resumed_from == 4
     assert_same_weights(weights(full.out_dir), weights(second.out_dir))
     assert losses(second.out_dir) == losses(full.out_dir)
-
-
-def test_schedules():
-    # warmup 10 of 100 steps, cosine to 10 % floor
-    f = [lr_factor(s, 100, 10, "cosine", 0.1) for s in range(100)]
-    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == 1.0
-    assert f[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
-    assert lr_factor(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
-    assert lr_factor(55, 100, 10, "linear", 0.1) == pytest.approx(0.5)
-    assert lr_factor(5, 100, 10, "constant", 0.1) == pytest.approx(0.6)
-    assert lr_factor(50, 100, 10, "constant", 0.1) == 1.0
 
 
 def test_discriminative_lr_groups(tiny_cfg):
@@ -227,7 +217,9 @@ def test_clip_scope_loss_keeps_gradient_terms_out_of_the_clip(tiny_cfg, tmp_path
     from forgetkit.regularizers.l2 import L2SP
 
     def norms(name: str, scope: str, regs: list) -> tuple[list[float], dict]:
-        res = train(tiny_cfg(training={"max_steps": 2, "max_grad_norm": 1.0, "clip_scope": scope},
+        # no warmup: under transformers' schedule a warmup step 0 has lr 0 (nothing would move)
+        res = train(tiny_cfg(training={"max_steps": 2, "max_grad_norm": 1.0, "clip_scope": scope,
+                                       "warmup_steps": 0},
                              output={"dir": str(tmp_path / name)}), regs, progress=False)
         recs = [json.loads(x) for x in (res.out_dir / "train_log.jsonl").read_text().splitlines()]
         return [r["grad_norm"] for r in recs if "grad_norm" in r], weights(res.out_dir)

@@ -127,9 +127,9 @@ def test_every_data_source_is_checked(tmp_path):
     for p in bad.values():
         p.write_text("{broken\n")
     raw = tiny_config_dict(
-        tmp_path, data={"train": {"path": str(good)}, "validation": {"path": str(bad["val"])}},
-        regularizers=[{"type": "ewc", "fisher_data": {"path": str(bad["fisher"])}},
-                      {"type": "replay", "ratio": 0.2, "data": {"path": str(bad["replay"])}}],
+        tmp_path, data={"train": {"path": str(good)}, "validation": {"path": str(bad["val"])},
+                        "replay": {"ratio": 0.2, "data": {"path": str(bad["replay"])}}},
+        regularizers=[{"type": "ewc", "fisher_data": {"path": str(bad["fisher"])}}],
         evaluation={"general": [{"name": "ppl", "kind": "perplexity",
                                  "data": {"path": str(bad["ppl"]), "format": "text"}},
                                 {"name": "ok", "kind": "perplexity",
@@ -540,3 +540,18 @@ def test_safe_names_accepted(tmp_path):
     cfg = config_from_dict(raw, "t.yaml")
     assert cfg.name == "exp-1_v2.0@lr=0.1" and [a.name for a in cfg.experiment.arms] == [
         "ewc+replay10", "a@b=1"]
+
+
+def test_a_tracker_whose_package_is_missing_is_a_problem(tmp_path):
+    """output.trackers names a tracker that is not installed: preflight says which package to
+    install, before anything is evaluated or trained."""
+    import importlib.util
+
+    missing = next((n for n in ("wandb", "mlflow", "trackio")
+                    if importlib.util.find_spec(n) is None), None)
+    if missing is None:
+        pytest.skip("every optional tracker is installed here")
+    raw = tiny_config_dict(tmp_path, output={"dir": str(tmp_path / "o"),
+                                             "trackers": [missing]})
+    problems = [c.problem for c in failed(preflight.preflight(config_from_dict(raw, "t.yaml")))]
+    assert len(problems) == 1 and f"pip install {missing}" in problems[0], problems

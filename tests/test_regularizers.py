@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from forgetkit.config import ConfigError, ModelConfig, config_from_dict
+from forgetkit.data.batching import BatchStream
+from forgetkit.data.sets import load_examples
 from forgetkit.models import load_model
 from forgetkit.regularizers import EWC, L2SP, KLToInit, RegContext, build_regularizers
+from forgetkit.regularizers.base import optimizer_lr_lookup
+from forgetkit.regularizers.build import regularizer_names
 from forgetkit.regularizers.functional import (
     decoupled_pull_,
     ewc_grad_,
@@ -33,7 +37,7 @@ def tiny_model(seed: int = 0):
     return load_model(ModelConfig(random_init=dict(TINY), tokenizer="byte"), seed=seed)
 
 
-def ctx_for(model, tokenizer=None, backend=None) -> RegContext:
+def ctx_for(model, optimizer=None) -> RegContext:
     def params():
         seen = set()
         for n, p in model.named_parameters():
@@ -41,7 +45,7 @@ def ctx_for(model, tokenizer=None, backend=None) -> RegContext:
                 seen.add(id(p))
                 yield n, p
     return RegContext(model=model, params=params, device=torch.device("cpu"),
-                      tokenizer=tokenizer, backend=backend)
+                      param_lr=optimizer_lr_lookup(optimizer) if optimizer else None)
 
 
 @torch.no_grad()
@@ -138,11 +142,7 @@ def _one_adam_step(variant: str, lam: float, lr: float, delta: float):
     reg = L2SP(lam=lam, variant=variant)
     opt = torch.optim.AdamW([w], lr=lr, weight_decay=0.0)
 
-    class Backend:
-        name = "single"
-        optimizer = opt
-
-    ctx = ctx_for(model, backend=Backend())
+    ctx = ctx_for(model, opt)
     reg.prepare(ctx)
     with torch.no_grad():
         w.add_(torch.linspace(-1, 1, 64) * delta)
@@ -175,11 +175,7 @@ def test_decoupled_uses_each_group_lr():
     model.b = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([{"params": [model.a], "lr": 0.1}, {"params": [model.b], "lr": 0.01}])
 
-    class Backend:
-        name = "single"
-        optimizer = opt
-
-    ctx = ctx_for(model, backend=Backend())
+    ctx = ctx_for(model, opt)
     reg = L2SP(lam=2.0, variant="decoupled")
     reg.prepare(ctx)
     with torch.no_grad():
@@ -212,7 +208,7 @@ def test_ewc_penalty_and_grad_term_match_formula():
     model, _ = tiny_model()
     g = torch.Generator().manual_seed(3)
     named = dict(model.named_parameters())
-    reg = EWC(lam=3.0, fisher_data=None)
+    reg = EWC(lam=3.0)
     ctx = ctx_for(model)
     reg._setup(ctx)  # set theta0 only; the Fisher is injected below (estimation: test_fisher.py)
     reg.fisher = [torch.rand(named[n].shape, generator=g) for n in reg.names]
@@ -243,8 +239,9 @@ def test_kl_zero_at_init_positive_after_and_resumable():
     model, tok = tiny_model()
     spec = config_from_dict({"regularizers": [{"type": "kl", "lambda": 2.0, "data": {
         "path": GENERAL, "format": "text", "limit": 16}}]}).regularizers[0].data
-    reg = KLToInit(2.0, spec, batch_size=4, max_length=64)
-    ctx = ctx_for(model, tokenizer=tok)
+    stream = BatchStream(load_examples(spec, tok, max_length=64), 4, tok.pad_token_id)
+    reg = KLToInit(2.0, stream)
+    ctx = ctx_for(model)
     reg.prepare(ctx)
     v0 = reg.penalty(ctx, {})
     assert abs(float(v0.detach())) < 1e-6
@@ -256,11 +253,12 @@ def test_kl_zero_at_init_positive_after_and_resumable():
     assert all(p.grad is None for p in reg.reference.parameters())
     st = reg.state_dict()
     assert st["calls"] == 2
-    reg2 = KLToInit(2.0, spec, batch_size=4, max_length=64)
+    reg2 = KLToInit(2.0, BatchStream(load_examples(spec, tok, max_length=64), 4,
+                                     tok.pad_token_id))
     reg2.prepare(ctx)
     reg2.load_state_dict(st)
     assert reg2.calls == 2
-    assert reg2._indices(2) == reg._indices(2)
+    assert reg2.batches.indices(2) == reg.batches.indices(2)
 
 
 # ----------------------------------------------------------------------------- WiSE-FT
@@ -306,22 +304,34 @@ def _cfg(regs, tmp_path, **extra):
 
 
 def test_build_regularizers(tmp_path):
+    from forgetkit.data.sets import build_example_sets
+
     cfg = _cfg([{"type": "l2", "lambda": 0.5, "variant": "decoupled"},
                 {"type": "l2", "lambda": 1.0},
-                {"type": "ewc", "lambda": 10, "fisher_data": {"path": GENERAL, "format": "text"}},
-                {"type": "kl", "lambda": 0.1, "data": {"path": GENERAL, "format": "text"}},
-                {"type": "replay", "ratio": 0.2, "data": {"path": GENERAL, "format": "text"}}],
+                {"type": "ewc", "lambda": 10, "fisher_examples": 6, "fisher_batch_size": 4,
+                 "fisher_data": {"path": GENERAL, "format": "text"}},
+                {"type": "kl", "lambda": 0.1, "batch_size": 3,
+                 "data": {"path": GENERAL, "format": "text"}}],
                tmp_path)
-    regs, replay, ratio = build_regularizers(cfg)
+    cfg.data.replay = config_from_dict({"data": {"replay": {
+        "ratio": 0.2, "data": {"path": GENERAL, "format": "text"}}}}).data.replay
+    _, tok = tiny_model()
+    sets = build_example_sets(cfg, tok)
+    regs = build_regularizers(cfg, sets, tok.pad_token_id)
     assert [r.name for r in regs] == ["l2_0", "l2_1", "ewc", "kl"]
     assert isinstance(regs[0], L2SP) and regs[0].variant == "decoupled"
     assert isinstance(regs[2], EWC) and regs[2].run_dir == tmp_path / "t"
-    assert replay is not None and replay.path == GENERAL and ratio == 0.2
+    # the data layer built every example set: EWC gets 6 examples in batches of 4, KL a stream
+    assert [int(b["input_ids"].shape[0]) for b in regs[2].batches] == [4, 2]
+    assert regs[2].identity is not None and regs[2].identity["fisher_examples"] == 6
+    assert isinstance(regs[3], KLToInit) and regs[3].batches.batch_size == 3
+    assert len(sets.replay) > 0 and sets.replay_ratio == 0.2
+    assert all(e.source == 1 for e in sets.replay)
     with pytest.raises(ConfigError, match="fisher_data"):
-        build_regularizers(_cfg([{"type": "ewc", "lambda": 1.0}], tmp_path))
+        build_regularizers(_cfg([{"type": "ewc", "lambda": 1.0}], tmp_path), sets, 0)
     with pytest.raises(ConfigError, match="fisher_clamp"):
         build_regularizers(_cfg([{"type": "ewc", "fisher_postprocess": "clamp", "fisher_data":
-                                  {"path": GENERAL, "format": "text"}}], tmp_path))
+                                  {"path": GENERAL, "format": "text"}}], tmp_path), sets, 0)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -342,11 +352,10 @@ def test_resume_equals_uninterrupted(tmp_path, reg):
     from forgetkit.train.loop import train
 
     cfg = _cfg([reg], tmp_path)
-    regs, _, _ = build_regularizers(cfg)
-    res = train(cfg, regs, progress=False)
+    res = train(cfg, progress=False)
     full = _final_weights(res.out_dir)
     log = [json.loads(x) for x in (res.out_dir / "train_log.jsonl").read_text().splitlines()]
-    name = regs[0].name
+    name = regularizer_names(cfg)[0]
     vals = [r[f"reg/{name}"] for r in log if f"reg/{name}" in r]
     assert len(vals) == 6 and vals[0] >= 0.0 and vals[-1] > 0.0  # the regularizer acted
 
@@ -354,8 +363,7 @@ def test_resume_equals_uninterrupted(tmp_path, reg):
     assert (ckpts / "step-00000003" / "COMPLETE").exists()
     shutil.rmtree(ckpts / "step-00000006")
     shutil.rmtree(res.out_dir / "model")
-    regs2, _, _ = build_regularizers(cfg)
-    res2 = train(cfg, regs2, progress=False)
+    res2 = train(cfg, progress=False)
     assert res2.resumed_from == 3
     resumed = _final_weights(res2.out_dir)
     assert full.keys() == resumed.keys()
@@ -364,3 +372,72 @@ def test_resume_equals_uninterrupted(tmp_path, reg):
     log2 = [json.loads(x) for x in (res.out_dir / "train_log.jsonl").read_text().splitlines()]
     vals2 = [r[f"reg/{name}"] for r in log2 if f"reg/{name}" in r]
     assert vals2 == pytest.approx(vals, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the seam
+
+def test_capture_reference_keeps_theta0_and_fisher_across_a_checkpoint_load():
+    """A loop that loads a checkpoint into the model before ``prepare`` (a resuming HF Trainer)
+    captures theta0 first: the anchors, the Fisher and the KL reference are those of theta0,
+    not of the loaded weights."""
+    model, tok = tiny_model()
+    examples = load_examples(config_from_dict({"regularizers": [{
+        "type": "kl", "data": {"path": GENERAL, "format": "text", "limit": 8}}]}
+    ).regularizers[0].data, tok, max_length=64)
+    from forgetkit.data.batching import make_batches
+
+    batches = make_batches(examples, 4, tok.pad_token_id)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    direct = EWC(5.0, batches=batches, include=["mlp"])  # prepared at theta0: the reference
+    direct.prepare(ctx_for(model))
+    kl_direct = KLToInit(1.0, BatchStream(examples, 4, tok.pad_token_id))
+    kl_direct.prepare(ctx_for(model))
+
+    l2, ewc = L2SP(1.0), EWC(5.0, batches=batches, include=["mlp"])
+    kl = KLToInit(1.0, BatchStream(examples, 4, tok.pad_token_id))
+    for r in (l2, ewc, kl):
+        r.capture_reference(model)
+    perturb(model, 0.1)  # "the checkpoint's weights"
+    ctx = ctx_for(model)
+    for r in (l2, ewc, kl):
+        r.prepare(ctx)
+    for n, a in zip(l2.names, l2.anchor, strict=True):
+        assert torch.equal(a, theta0[n])
+    assert ewc.names == direct.names
+    for a, b in zip(ewc.fisher, direct.fisher, strict=True):
+        assert torch.equal(a, b)
+    for n, a in zip(ewc.names, ewc.anchor, strict=True):
+        assert torch.equal(a, theta0[n])
+    # the same reference model: the same KL on the same stream batch
+    torch.testing.assert_close(kl.penalty(ctx, {}), kl_direct.penalty(ctx, {}), rtol=0, atol=0)
+    assert float(kl.penalty(ctx, {}).detach()) > 1e-4  # the perturbed model differs from it
+
+
+def test_grads_in_params_false_puts_the_term_in_the_loss():
+    """``grads_in_params=False`` (DeepSpeed, or a loop that wants the term before its clip):
+    L2-SP's penalty goes through autograd and its gradient is exactly lam * (theta - theta0)."""
+    model, _ = tiny_model()
+    reg = L2SP(2.0)
+    ctx = RegContext(model=model, params=model.named_parameters, device=torch.device("cpu"),
+                     grads_in_params=False)
+    reg.prepare(ctx)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    perturb(model, 0.05)
+    assert reg.grad_term(ctx) is None
+    model.zero_grad(set_to_none=True)
+    reg.penalty(ctx, {}).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2.0 * (p.detach() - theta0[n]))
+
+
+def test_regularizers_use_only_the_typed_context():
+    """No regularizer reaches into a loop: the context has no backend, tokenizer or extras."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(RegContext)}
+    assert fields == {"model", "params", "device", "rank", "world_size", "strategy",
+                      "zero_stage", "grads_in_params", "all_reduce_sum", "autocast", "param_lr"}
+    src = "\n".join((ROOT / "forgetkit/regularizers" / f).read_text()
+                    for f in ("l2.py", "ewc.py", "kl.py", "fisher.py", "functional.py"))
+    for banned in ("ctx.backend", "ctx.tokenizer", "ctx.extra", "load_records", "forgetkit.train"):
+        assert banned not in src, banned

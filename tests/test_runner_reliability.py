@@ -153,10 +153,33 @@ def test_run_finished_before_identities_is_checked_from_its_config_yaml(tmp_path
         old = yaml.safe_load((d / "config.yaml").read_text())
         old["output"]["overwrite"] = False  # a key since removed from the schema
         (d / "config.yaml").write_text(yaml.safe_dump(old))
+    # Such a run predates versioned numerics (forgetkit.identity.NUMERICS_VERSION): it is
+    # checked from its config.yaml, and its numbers are not today's, so it is not reused.
+    before = snapshot(root)
     rc, err = cli(capsys, config)
-    assert rc == 0 and "2 reused" in err, err
+    assert rc == 2 and "forgetkit.numerics: 1 -> 2" in err and "schedules" in err, err
+    assert "training.warmup_steps" not in err, err  # the config keys themselves still match
     rc, err = cli(capsys, config, "training.warmup_steps=2")
     assert rc == 2 and "training.warmup_steps: 1 -> 2" in err, err
+    assert fakes.trained == ["naive seed 0", "l2 seed 0"] and snapshot(root) == before
+
+
+def test_run_of_older_numerics_is_not_reused(tmp_path, fakes, capsys):
+    """A finished run whose identity.json was saved before forgetkit's numerics were versioned
+    (version 1) is not reused as today's: same config, other computation."""
+    from forgetkit.identity import NUMERICS_KEY
+
+    config = experiment(tmp_path)
+    root = tmp_path / "results" / "rel"
+    assert cli(capsys, config)[0] == 0
+    p = root / "naive" / "seed-0" / "identity.json"
+    ident = json.loads(p.read_text())
+    assert ident.pop(NUMERICS_KEY) == 2
+    p.write_text(json.dumps(ident))
+    rc, err = cli(capsys, config)
+    assert rc == 2 and "forgetkit.numerics: 1 -> 2" in err, err
+    no_traceback(err)
+    assert fakes.trained == ["naive seed 0", "l2 seed 0"]
 
 
 def test_edited_data_file_is_a_changed_identity(tmp_path, fakes, capsys):

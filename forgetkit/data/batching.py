@@ -150,3 +150,73 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int = 
         source[i] = e.source
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "source": source}
+
+
+def make_batches(examples: Sequence[Example], batch_size: int, pad_id: int,
+                 pad_to_multiple_of: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Collated, right-padded batches of similar lengths (deterministic: sorted by length,
+    longest first) -- the batches EWC's Fisher is estimated on.
+
+    Args:
+        examples: the examples.
+        batch_size: examples per batch (the last batch may be smaller).
+        pad_id: the tokenizer's pad id.
+        pad_to_multiple_of: padding multiple of the sequence length.
+
+    Returns:
+        A list of dicts with ``input_ids``, ``labels``, ``attention_mask``, ``source`` tensors.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    return [collate([examples[i] for i in order[s:s + batch_size]], pad_id, pad_to_multiple_of)
+            for s in range(0, len(order), batch_size)]
+
+
+class BatchStream:
+    """An endless, seeded, resumable stream of batches over a fixed example set (KL's batches).
+
+    Batch ``k`` holds the examples at stream positions ``[k*B, (k+1)*B)`` of the concatenation
+    of epoch permutations ``perm_e = default_rng([seed, e, 0x4B1]).permutation(n)``: a pure
+    function of ``k``, so a resumed run that knows how many batches it drew continues with
+    exactly the batches of the uninterrupted run, and rank ``r`` of ``W`` drawing batch
+    ``call * W + r`` never shares a batch with another rank.
+
+    Args:
+        examples: the example set (tokenised by the data layer).
+        batch_size: examples per batch B.
+        pad_id: the tokenizer's pad id.
+        pad_to_multiple_of: padding multiple of the sequence length.
+        seed: seed of the permutations.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int,
+                 pad_to_multiple_of: int = 8, seed: int = 0) -> None:
+        if not examples:
+            raise ValueError("BatchStream: no examples")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.examples = list(examples)
+        self.batch_size, self.pad_id = batch_size, pad_id
+        self.pad_to_multiple_of, self.seed = pad_to_multiple_of, seed
+        self._perm: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        """The number of distinct examples (the stream itself is endless)."""
+        return len(self.examples)
+
+    def indices(self, k: int) -> list[int]:
+        """Example indices of batch ``k``."""
+        n, out = len(self.examples), []
+        for j in range(k * self.batch_size, (k + 1) * self.batch_size):
+            epoch, i = divmod(j, n)
+            if epoch not in self._perm:
+                self._perm = {epoch: np.random.default_rng([self.seed, epoch, 0x4B1]
+                                                           ).permutation(n)}
+            out.append(int(self._perm[epoch][i]))
+        return out
+
+    def batch(self, k: int) -> dict[str, torch.Tensor]:
+        """Batch ``k``, collated on the CPU."""
+        return collate([self.examples[i] for i in self.indices(k)], self.pad_id,
+                       self.pad_to_multiple_of)

@@ -13,10 +13,22 @@ Where F comes from (in ``prepare``, at theta0, on the rank's local parameters):
    run reads, so a resume uses bit-for-bit the Fisher of the interrupted run;
 2. else ``fisher_path`` if that file exists (and ``online_gamma`` is not set): a Fisher computed
    earlier, e.g. by another run;
-3. else it is estimated on ``fisher_data`` -- the *general* data whose abilities should be kept
-   (not the fine-tuning task: the Fisher measures which weights matter for what must not be
-   forgotten). There is no implicit default: ``fisher_data`` is required unless ``fisher_path``
-   exists. The estimate is written to ``fisher_path`` (rank 0) when given and absent.
+3. else it is estimated on ``batches`` -- batches of the *general* data whose abilities should
+   be kept (not the fine-tuning task: the Fisher measures which weights matter for what must not
+   be forgotten), built by the data layer (:mod:`forgetkit.data.sets` from ``fisher_data``, or
+   :func:`forgetkit.integrations.fisher_batches`). There is no implicit default: batches are
+   required unless ``fisher_path`` exists. The estimate is written to ``fisher_path`` (rank 0)
+   when given and absent.
+
+The run's own copy is keyed by the Fisher's identity (``identity``: what
+:func:`forgetkit.identity.fisher_identity` computes from the config -- the same function names the
+runner's shared Fisher cache file) plus theta0's fingerprint, the selected parameter names and,
+for online EWC, the previous Fisher file; without an ``identity`` (API use) a digest of the
+batches' tensors stands in for it.
+
+``capture_reference(model)`` (for loops that shard the model or load a checkpoint before
+``prepare``, e.g. a resuming ``transformers.Trainer``) snapshots theta0 and obtains F now, at the
+weights given, by the rules above; ``prepare`` then cuts both to the local shards.
 
 Online EWC (Schwarz et al., 2018): with ``online_gamma`` and an existing ``fisher_path`` holding
 the previous task's (already accumulated) Fisher, ``F = gamma * F_old + F_new`` with ``F_new``
@@ -49,9 +61,7 @@ from forgetkit.regularizers.fisher import (
     estimate_fisher,
     finite_or_raise,
     is_dtensor,
-    load_examples,
     load_fisher,
-    make_batches,
     postprocess_fisher,
     save_fisher,
 )
@@ -100,9 +110,8 @@ class EWC(AnchoredRegularizer):
 
     Args:
         lam: strength lambda (its scale depends on F's: see ``forgetkit.regularizers.fisher``).
-        fisher_data: ``DatasetSpec`` of the data F is estimated on (general data).
-        fisher_examples: number of examples (a seeded subset of ``fisher_data``).
-        fisher_batch_size: examples per batch of the estimate.
+        batches: collated batches of the general data F is estimated on (pre-shifted labels, as
+            ``forgetkit.data`` builds them); None only with an existing ``fisher_path``.
         estimator: ``"empirical"``, ``"sampled"`` or ``"batched"``.
         fisher_samples: label draws per example (``sampled``).
         fisher_path: load F from / save F to this safetensors file.
@@ -112,10 +121,9 @@ class EWC(AnchoredRegularizer):
         include: regex patterns of parameter names (default all trainable).
         exclude: regex patterns removed from the selection.
         anchor_dtype: dtype theta0 is kept in.
-        max_length: tokenisation length of ``fisher_data`` (the run's ``data.max_length``).
-        train_on_prompt: targets on prompts too (the run's ``data.train_on_prompt``).
-        pad_to_multiple_of: padding multiple of the batches.
-        seed: seed of the example subset and of the ``sampled`` draws.
+        seed: seed of the ``sampled`` draws.
+        identity: the Fisher's identity (:func:`forgetkit.identity.fisher_identity`): keys the
+            run's own copy; default: a digest of ``batches``.
         run_dir: the run's output directory (its own Fisher copy goes there; None: no copy).
         name: the name logged as ``reg/<name>`` (default ``ewc``).
         per_example: passed to :func:`estimate_fisher`.
@@ -124,82 +132,79 @@ class EWC(AnchoredRegularizer):
     name = "ewc"
     kind = "ewc"
 
-    def __init__(self, lam: float, *, fisher_data: Any = None, fisher_examples: int = 256,
-                 fisher_batch_size: int = 8,
+    def __init__(self, lam: float, *, batches: Sequence[dict[str, torch.Tensor]] | None = None,
                  estimator: Literal["empirical", "sampled", "batched"] = "empirical",
                  fisher_samples: int = 1, fisher_path: str | Path | None = None,
                  postprocess: Literal["none", "max_normalize", "clamp"] = "none",
                  clamp: float | None = None, online_gamma: float | None = None,
                  include: Sequence[str] = (), exclude: Sequence[str] = (),
                  anchor_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-                 max_length: int = 512, train_on_prompt: bool = False,
-                 pad_to_multiple_of: int = 8, seed: int = 0,
+                 seed: int = 0, identity: dict[str, Any] | None = None,
                  run_dir: str | Path | None = None, name: str | None = None,
                  per_example: Literal["auto", "vmap", "loop"] = "auto") -> None:
         super().__init__(lam, include, exclude, anchor_dtype, name)
         if postprocess == "clamp" and clamp is None:
             raise ValueError("fisher_postprocess 'clamp' needs fisher_clamp")
-        self.fisher_data = fisher_data
-        self.fisher_examples, self.fisher_batch_size = fisher_examples, fisher_batch_size
+        if estimator not in ("empirical", "sampled", "batched"):
+            raise ValueError(f"unknown Fisher estimator {estimator!r}")
+        self.batches = list(batches) if batches is not None else None
         self.estimator, self.fisher_samples = estimator, fisher_samples
         self.fisher_path = Path(fisher_path) if fisher_path else None
         self.postprocess, self.clamp, self.online_gamma = postprocess, clamp, online_gamma
-        self.max_length, self.train_on_prompt = max_length, train_on_prompt
-        self.pad_to_multiple_of, self.seed = pad_to_multiple_of, seed
+        self.seed = seed
+        self.identity = identity
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.per_example = per_example
         self.fisher: list[torch.Tensor] = []  # local, fp32, post-processed, aligned with params
         self.raw_meta: dict[str, Any] = {}
+        self._fisher_full: dict[str, torch.Tensor] | None = None  # raw F by name (captured)
+        self._captured_fingerprint: dict[str, list[float]] | None = None
 
     # ---- Fisher
     @property
     def own_path(self) -> Path | None:
         return self.run_dir / f"fisher-{self.name}.safetensors" if self.run_dir else None
 
+    def _data_identity(self) -> Any:
+        if self.identity is not None:
+            return self.identity
+        h = hashlib.sha256()
+        for b in self.batches or []:
+            for k in ("input_ids", "labels", "attention_mask"):
+                if k in b:
+                    h.update(k.encode())
+                    h.update(b[k].detach().cpu().contiguous().numpy().tobytes())
+        return {"batches_sha256": h.hexdigest(), "estimator": self.estimator,
+                "samples": self.fisher_samples, "seed": self.seed}
+
     def _key(self) -> str:
-        """What the run's own Fisher copy depends on (settings + theta0 + previous Fisher)."""
-        spec = self.fisher_data
-        spec_d = spec.__dict__ if hasattr(spec, "__dict__") else spec
+        """What the run's own Fisher copy depends on (identity + theta0 + previous Fisher)."""
         prev = None
         if self.online_gamma is not None and self.fisher_path and self.fisher_path.exists():
             st = self.fisher_path.stat()
             prev = [str(self.fisher_path), st.st_size, st.st_mtime_ns]
         blob = json.dumps({
-            "estimator": self.estimator, "samples": self.fisher_samples,
-            "examples": self.fisher_examples, "batch": self.fisher_batch_size,
-            "data": spec_d, "max_length": self.max_length, "train_on_prompt":
-            self.train_on_prompt, "seed": self.seed, "names": self.names,
+            "identity": self._data_identity(), "estimator": self.estimator,
+            "samples": self.fisher_samples, "seed": self.seed, "names": self.names,
             "online_gamma": self.online_gamma, "previous": prev,
             "theta0": [round(x, 6) for x in self.fingerprint.get("theta0", [])],
         }, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     def _estimate(self, ctx: RegContext) -> tuple[list[torch.Tensor], int]:
-        if self.fisher_data is None:
+        if not self.batches:
             raise ValueError(
-                f"regularizer {self.name!r}: EWC needs fisher_data (the general data whose "
-                f"abilities are to be kept) or an existing fisher_path"
+                f"regularizer {self.name!r}: EWC needs batches of the general data whose "
+                f"abilities are to be kept (config: fisher_data) or an existing fisher_path"
                 + (f" ({self.fisher_path} does not exist)" if self.fisher_path else ""))
-        if ctx.tokenizer is None:
-            raise ValueError("EWC: the regularizer context has no tokenizer")
-        examples = load_examples(self.fisher_data, ctx.tokenizer, max_length=self.max_length,
-                                 train_on_prompt=self.train_on_prompt, seed=self.seed,
-                                 limit=self.fisher_examples)
-        if not examples:
-            raise ValueError(f"EWC: fisher_data {self.fisher_data} gave no examples")
-        if len(examples) < self.fisher_examples:
-            log.warning("EWC %s: fisher_data has %d usable examples (< fisher_examples=%d)",
-                        self.name, len(examples), self.fisher_examples)
-        batches = make_batches(examples, self.fisher_batch_size, ctx.tokenizer.pad_token_id,
-                               self.pad_to_multiple_of)
-        all_reduce = getattr(ctx.backend, "all_reduce_sum", None) if ctx.backend else None
-        fd = estimate_fisher(ctx.model, batches, self.estimator, self.fisher_samples,
+        fd = estimate_fisher(ctx.model, self.batches, self.estimator, self.fisher_samples,
                              params=list(zip(self.names, self.params, strict=True)),
                              seed=self.seed, per_example=self.per_example, rank=ctx.rank,
-                             world_size=ctx.world_size, all_reduce=all_reduce)
-        n = len(batches) if self.estimator == "batched" else len(examples)
+                             world_size=ctx.world_size, all_reduce=ctx.all_reduce_sum)
+        n_examples = sum(int(b["input_ids"].shape[0]) for b in self.batches)
+        n = len(self.batches) if self.estimator == "batched" else n_examples
         log.info("EWC %s: %s Fisher on %d examples (%d batches)", self.name, self.estimator,
-                 len(examples), len(batches))
+                 n_examples, len(self.batches))
         return [fd[nm] for nm in self.names], n
 
     def _save(self, ctx: RegContext, path: Path, local: list[torch.Tensor],
@@ -248,9 +253,29 @@ class EWC(AnchoredRegularizer):
         return fisher
 
     # ---- the protocol
+    def capture_reference(self, model: torch.nn.Module, *, rank: int = 0, world_size: int = 1,
+                          all_reduce: Any = None) -> None:
+        """Snapshot theta0 and obtain F *now*, on the unwrapped full ``model`` (see the module
+        docstring). Under several processes pass ``rank``/``world_size`` and ``all_reduce`` (an
+        in-place sum over ranks): each rank then estimates its share of the examples."""
+        super().capture_reference(model)
+        kw: dict[str, Any] = {} if all_reduce is None else {"all_reduce_sum": all_reduce}
+        dev = next(model.parameters()).device
+        ctx0 = RegContext(model=model, params=model.named_parameters, device=dev, rank=rank,
+                          world_size=world_size, **kw)
+        self._setup(ctx0)  # full tensors: anchor == the snapshot
+        raw = self._obtain(ctx0)
+        self._reference = dict(zip(self.names, self.anchor, strict=True))
+        self._fisher_full = dict(zip(self.names, raw, strict=True))
+
     def prepare(self, ctx: RegContext) -> None:
+        captured = self._fisher_full
         self._setup(ctx)
-        raw = self._obtain(ctx)
+        if captured is not None:
+            raw = _to_local(captured, self.names, self.params, self.anchor[0].device)
+            self._fisher_full = None
+        else:
+            raw = self._obtain(ctx)
         pp = postprocess_fisher(dict(zip(self.names, raw, strict=True)), self.postprocess,
                                 self.clamp, sharded=self.sharded and ctx.world_size > 1)
         self.fisher = [pp[n].contiguous() for n in self.names]
@@ -271,9 +296,10 @@ class EWC(AnchoredRegularizer):
         if self.mode != "loss":
             return None
         ix = [str(i) for i in range(len(self.params))]
-        return self.lam * ewc_penalty(dict(zip(ix, self.params, strict=True)),
-                                      dict(zip(ix, self.anchor, strict=True)),
-                                      dict(zip(ix, self.fisher, strict=True)))
+        v = self.lam * ewc_penalty(dict(zip(ix, self._differentiable_local(), strict=True)),
+                                   dict(zip(ix, self.anchor, strict=True)),
+                                   dict(zip(ix, self.fisher, strict=True)))
+        return self._global_value(ctx, v)
 
     def grad_term(self, ctx: RegContext) -> torch.Tensor | None:
         if self.mode != "grad":

@@ -75,17 +75,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from forgetkit.data.templates import IGNORE_INDEX, Example
+from forgetkit.data.templates import IGNORE_INDEX
 
 log = logging.getLogger("forgetkit")
 
 __all__ = [
     "ESTIMATORS",
     "estimate_fisher",
-    "load_examples",
     "load_fisher",
     "local_tensor",
-    "make_batches",
     "postprocess_fisher",
     "save_fisher",
 ]
@@ -119,53 +117,6 @@ def _nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _example_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index), 0xF15E]).generate_state(1)[0])
-
-
-# ----------------------------------------------------------------------------- data
-
-def load_examples(spec: Any, tokenizer: Any, *, max_length: int, train_on_prompt: bool = False,
-                  seed: int = 0, limit: int | None = None) -> list[Example]:
-    """Tokenised examples of a ``DatasetSpec`` (its own ``limit`` first, then a seeded subset
-    of ``limit`` examples), in file order.
-
-    Args:
-        spec: a ``forgetkit.config.DatasetSpec``.
-        tokenizer: the run's tokenizer.
-        max_length: truncation length (the run's ``data.max_length``).
-        train_on_prompt: targets on prompt tokens as well (the run's ``data.train_on_prompt``).
-        seed: seed of the subset choice.
-        limit: keep at most this many records (a seeded subset).
-
-    Returns:
-        A list of ``Example`` (records without any target token are dropped).
-    """
-    from forgetkit.data.sources import build_examples, load_records, select
-
-    records = select(load_records(spec), spec, seed)
-    if limit is not None and len(records) > limit:
-        idx = np.random.default_rng([int(seed), 0xF15E]).permutation(len(records))[:limit]
-        records = [records[i] for i in sorted(idx)]
-    return build_examples(records, spec, tokenizer, max_length, train_on_prompt, packed=False)
-
-
-def make_batches(examples: Sequence[Example], batch_size: int, pad_id: int,
-                 pad_to_multiple_of: int = 8) -> list[dict[str, torch.Tensor]]:
-    """Collated, right-padded batches of similar lengths (deterministic: sorted by length).
-
-    Args:
-        examples: the examples.
-        batch_size: examples per batch (the last batch may be smaller).
-        pad_id: the tokenizer's pad id.
-        pad_to_multiple_of: padding multiple of the sequence length.
-
-    Returns:
-        A list of dicts with ``input_ids``, ``labels``, ``attention_mask`` (B, T) tensors.
-    """
-    from forgetkit.data.batching import collate
-
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    return [collate([examples[i] for i in order[s:s + batch_size]], pad_id, pad_to_multiple_of)
-            for s in range(0, len(order), batch_size)]
 
 
 # ----------------------------------------------------------------------------- estimation
@@ -251,9 +202,13 @@ def _vmap_sq_grads(model: torch.nn.Module, pdict: dict[str, torch.Tensor],
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*performance drop.*")
         for s in range(0, ids.shape[0], chunk):
-            g = g_fn(pdict, ids[s:s + chunk], labels[s:s + chunk])
-            for n, t in g.items():
-                acc[n] += t.float().pow(2).sum(0)
+            # Outer no_grad: the parameters *not* in pdict still require grad, and without it
+            # autograd would record the whole vmapped computation for them (memory) and the
+            # Fisher would come back requiring grad. torch.func.grad ignores an outer no_grad.
+            with torch.no_grad():
+                g = g_fn(pdict, ids[s:s + chunk], labels[s:s + chunk])
+                for n, t in g.items():
+                    acc[n] += t.float().pow(2).sum(0)
     return acc
 
 

@@ -2,7 +2,8 @@
 
 Two kinds of functions:
 
-* penalties, on dicts ``name -> tensor``, differentiable (autograd works through them)::
+* penalties, on dicts ``name -> tensor``, differentiable (a hand-written backward: no
+  model-sized temporary is kept between forward and backward)::
 
       l2_penalty(params, anchor)          = 1/2 * sum_i (theta_i - theta0_i)^2
       ewc_penalty(params, anchor, fisher) = 1/2 * sum_i F_i * (theta_i - theta0_i)^2
@@ -52,31 +53,79 @@ def _check_keys(params: Mapping[str, torch.Tensor], *others: Mapping[str, torch.
             raise KeyError(f"no anchor/Fisher entry for parameter(s) {missing[:5]}")
 
 
+class _AnchoredQuadratic(torch.autograd.Function):
+    """``1/2 * sum_i w_i * (theta_i - theta0_i)^2`` with ``w = F`` (EWC) or 1 (L2-SP).
+
+    A hand-written backward instead of autograd's recording: autograd would save
+    ``theta - theta0`` (an fp32 copy of every selected weight) until the backward pass; here
+    only references to the parameters are saved and each parameter's gradient
+    ``grad_out * w * (theta - theta0)`` is computed on the fly in fp32 and cast to its dtype.
+    The value is accumulated in fp32 in chunks (:data:`CHUNK_NUMEL`).
+    """
+
+    @staticmethod
+    def forward(ctx: object, anchor: list[torch.Tensor], fisher: list[torch.Tensor] | None,
+                *params: torch.Tensor) -> torch.Tensor:
+        ctx.anchor, ctx.fisher = anchor, fisher  # type: ignore[attr-defined]
+        ctx.save_for_backward(*params)  # type: ignore[attr-defined]
+        total = torch.zeros((), dtype=torch.float32, device=params[0].device)
+        with torch.no_grad():
+            for idx in _chunks(params):
+                p = _f32([params[i].detach() for i in idx])
+                diff = torch._foreach_sub(p, _f32([anchor[i].to(params[i].device) for i in idx]))
+                if fisher is None:
+                    total += _sq_sum(diff)
+                else:
+                    fd = torch._foreach_mul(diff, _f32([fisher[i].to(params[i].device)
+                                                        for i in idx]))
+                    total += _sq_sum(diff, fd)
+        return 0.5 * total
+
+    @staticmethod
+    def backward(ctx: object, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        params = ctx.saved_tensors  # type: ignore[attr-defined]
+        anchor, fisher = ctx.anchor, ctx.fisher  # type: ignore[attr-defined]
+        grads = []
+        for i, p in enumerate(params):
+            d = p.detach().float() - anchor[i].to(p.device).float()
+            if fisher is not None:
+                d.mul_(fisher[i].to(p.device).float())
+            grads.append(d.mul_(grad_out.float()).to(p.dtype))
+        return (None, None, *grads)
+
+
+def _quadratic(params: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor],
+               fisher: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+    keys = list(params)
+    if not keys:
+        return torch.zeros((), dtype=torch.float32)
+    return _AnchoredQuadratic.apply([anchor[k] for k in keys],
+                                    None if fisher is None else [fisher[k] for k in keys],
+                                    *[params[k] for k in keys])
+
+
 def l2_penalty(params: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor]
                ) -> torch.Tensor:
-    """``1/2 * sum (theta - theta0)^2`` over every entry of ``params`` (fp32, differentiable).
+    """``1/2 * sum (theta - theta0)^2`` over every entry of ``params`` (fp32, differentiable:
+    its gradient ``theta - theta0`` is computed in the backward pass, nothing model-sized is
+    saved for it).
 
     Args:
-        params: name -> current parameter (any float dtype; may require grad).
+        params: name -> current parameter (any float dtype; may require grad; local tensors --
+            under FSDP the differentiable ``DTensor.to_local()`` view).
         anchor: name -> theta0, same shapes (any float dtype).
 
     Returns:
         A 0-dim fp32 tensor on the parameters' device.
     """
     _check_keys(params, anchor)
-    total: torch.Tensor | None = None
-    for k, p in params.items():
-        d = p.float() - anchor[k].to(p.device).float()
-        s = d.pow(2).sum()
-        total = s if total is None else total + s
-    if total is None:
-        return torch.zeros((), dtype=torch.float32)
-    return 0.5 * total
+    return _quadratic(params, anchor, None)
 
 
 def ewc_penalty(params: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor],
                 fisher: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``1/2 * sum F * (theta - theta0)^2`` (fp32, differentiable in ``params``).
+    """``1/2 * sum F * (theta - theta0)^2`` (fp32, differentiable in ``params``; see
+    :func:`l2_penalty` for the memory).
 
     Args:
         params: name -> current parameter.
@@ -87,14 +136,7 @@ def ewc_penalty(params: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.T
         A 0-dim fp32 tensor on the parameters' device.
     """
     _check_keys(params, anchor, fisher)
-    total: torch.Tensor | None = None
-    for k, p in params.items():
-        d = p.float() - anchor[k].to(p.device).float()
-        s = (fisher[k].to(p.device).float() * d.pow(2)).sum()
-        total = s if total is None else total + s
-    if total is None:
-        return torch.zeros((), dtype=torch.float32)
-    return 0.5 * total
+    return _quadratic(params, anchor, fisher)
 
 
 def _chunks(tensors: Sequence[torch.Tensor], limit: int = CHUNK_NUMEL) -> Iterator[list[int]]:

@@ -22,7 +22,9 @@ cost one extra copy of the selected weights in that dtype. The logged value ``re
 penalty ``lambda/2 * ||theta - theta0||^2`` over *all* ranks (local shard sums are all-reduced).
 
 DeepSpeed ZeRO-1/2 does not leave gradients in ``p.grad`` after backward (they live in its
-partitions), so there the coupled variant is applied through the loss instead: ``penalty``
+partitions; the loop says so with ``RegContext.grads_in_params=False``, as does a loop that wants
+the term before its own gradient clip, e.g. :mod:`forgetkit.integrations`), so there the coupled
+variant is applied through the loss instead: ``penalty``
 returns ``lambda/2 * ||theta - theta0||^2`` with autograd, whose gradient is the same
 ``lambda * (theta - theta0)`` (it is computed once per micro-batch and divided by the number of
 micro-batches by the loop). ZeRO-3 (parameters partitioned outside forward) and the decoupled
@@ -82,14 +84,25 @@ def select_params(named: Sequence[tuple[str, torch.nn.Parameter]], include: Sequ
     return out
 
 
-def backend_name(ctx: RegContext) -> str:
-    return str(getattr(ctx.backend, "name", "single")) if ctx.backend is not None else "single"
-
-
 def zero_stage(ctx: RegContext) -> int | None:
-    if backend_name(ctx) != "deepspeed":
+    """The DeepSpeed ZeRO stage the loop runs under (None when not DeepSpeed)."""
+    if ctx.strategy != "deepspeed":
         return None
-    return int(getattr(getattr(ctx.backend, "dcfg", None), "zero_stage", 2))
+    return int(ctx.zero_stage) if ctx.zero_stage is not None else 2
+
+
+def local_from_full(full: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
+    """A full tensor (saved by name) -> this rank's local part of parameter ``p``: the shard of
+    an FSDP2 DTensor (``distribute_tensor`` with ``p``'s mesh and placements), else the tensor
+    itself, on ``p``'s device."""
+    if tuple(full.shape) != tuple(p.shape):
+        raise ValueError(f"saved tensor of shape {tuple(full.shape)} for a parameter of shape "
+                         f"{tuple(p.shape)}: another model?")
+    if is_dtensor(p):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(p.device), p.device_mesh, p.placements).to_local()
+    return full.to(p.device)
 
 
 class AnchoredRegularizer:
@@ -115,8 +128,27 @@ class AnchoredRegularizer:
         self.mode: Literal["grad", "loss"] = "grad"
         self.fingerprint: dict[str, list[float]] = {}
         self._ctx: RegContext | None = None
+        self._reference: dict[str, torch.Tensor] | None = None  # full theta0 by name
 
     # ---- set-up
+    def capture_reference(self, model: torch.nn.Module) -> None:
+        """Snapshot theta0 *now* from the unwrapped, full ``model`` (in ``anchor_dtype``, on
+        the parameters' device), keyed by parameter name.
+
+        For loops that shard the model or load a checkpoint into it before ``prepare`` (a
+        ``transformers.Trainer`` resuming from a checkpoint): ``prepare`` then takes theta0 from
+        this snapshot, cut to the local shard of each parameter, instead of from the current
+        weights. Memory: one full copy of the selected weights until ``prepare`` has run.
+        """
+        chosen = select_params(list(model.named_parameters()), self.include, self.exclude)
+        if not chosen:
+            raise ValueError(f"regularizer {self.name!r}: include/exclude patterns select no "
+                             f"trainable parameter (include={self.include}, "
+                             f"exclude={self.exclude})")
+        with torch.no_grad():
+            self._reference = {n: local_tensor(p).detach().to(dtype=self.anchor_dtype,
+                                                              copy=True) for n, p in chosen}
+
     def _setup(self, ctx: RegContext, decoupled: bool = False) -> None:
         self._ctx = ctx
         chosen = select_params(list(ctx.params()), self.include, self.exclude)
@@ -139,10 +171,22 @@ class AnchoredRegularizer:
                     f"regularizer {self.name!r}: the decoupled L2-SP variant is not supported "
                     "under DeepSpeed (the fp32 master weights live inside its optimizer); use "
                     "variant: coupled, or distributed.strategy ddp/fsdp")
-            self.mode = "loss"  # gradients are not in p.grad: go through autograd
+        # Where p.grad does not hold the reduced gradient (DeepSpeed), or a loop asks for the
+        # penalty through its loss, the gradient term goes through autograd instead.
+        self.mode = "grad" if ctx.grads_in_params else "loss"
+        ref = self._reference
+        if ref is not None:
+            missing = [n for n in self.names if n not in ref]
+            if missing:
+                raise ValueError(f"regularizer {self.name!r}: the captured theta0 has no "
+                                 f"parameter {missing[0]!r} (captured from another model?)")
         with torch.no_grad():
-            self.anchor = [local_tensor(p).detach().to(dtype=self.anchor_dtype, copy=True)
-                           for p in self.params]
+            self.anchor = ([local_from_full(ref[n], p).to(self.anchor_dtype)
+                            for n, p in zip(self.names, self.params, strict=True)]
+                           if ref is not None else
+                           [local_tensor(p).detach().to(dtype=self.anchor_dtype, copy=True)
+                            for p in self.params])
+        self._reference = None  # the full copy is no longer needed
         self.fingerprint = {"theta0": self._global_fingerprint(ctx, self.anchor)}
         n = sum(p.numel() for p in self.params)
         log.info("regularizer %s: %d tensors (%s weights), lambda=%g, mode=%s", self.name,
@@ -163,16 +207,25 @@ class AnchoredRegularizer:
     def _all_reduce(self, ctx: RegContext, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, only where the tensors are shards (full replicas need nothing)."""
         if self.sharded and ctx.world_size > 1:
-            if ctx.backend is not None and hasattr(ctx.backend, "all_reduce_sum"):
-                ctx.backend.all_reduce_sum(t)
-            else:
-                import torch.distributed as dist
-
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            ctx.all_reduce_sum(t)
         return t
 
     def _local_params(self) -> list[torch.Tensor]:
         return [local_tensor(p) for p in self.params]
+
+    def _differentiable_local(self) -> list[torch.Tensor]:
+        """The local parts of the parameters as autograd sees them: an FSDP2 DTensor's
+        ``to_local()`` view (its gradient lands on the local shard, which the rank owns)."""
+        return [p.to_local() if is_dtensor(p) else p for p in self.params]
+
+    def _global_value(self, ctx: RegContext, v: torch.Tensor) -> torch.Tensor:
+        """A loss-mode penalty over shards: the value becomes the global sum (logged), the
+        gradient stays the local one (each rank owns its shard's term)."""
+        if self.sharded and ctx.world_size > 1:
+            g = v.detach().clone()
+            ctx.all_reduce_sum(g)
+            v = v + (g - v.detach())
+        return v
 
     def _local_grads(self) -> list[torch.Tensor]:
         out = []
@@ -228,7 +281,6 @@ class L2SP(AnchoredRegularizer):
         if variant not in ("coupled", "decoupled"):
             raise ValueError(f"unknown L2-SP variant {variant!r}")
         self.variant = variant
-        self._group_of: dict[int, dict[str, Any]] | None = None
 
     def prepare(self, ctx: RegContext) -> None:
         self._setup(ctx, decoupled=self.variant == "decoupled")
@@ -244,9 +296,9 @@ class L2SP(AnchoredRegularizer):
     def penalty(self, ctx: RegContext, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if self.mode != "loss":
             return None
-        params = {str(i): p for i, p in enumerate(self.params)}
+        params = {str(i): p for i, p in enumerate(self._differentiable_local())}
         anchor = {str(i): a for i, a in enumerate(self.anchor)}
-        return self.lam * l2_penalty(params, anchor)
+        return self._global_value(ctx, self.lam * l2_penalty(params, anchor))
 
     def grad_term(self, ctx: RegContext) -> torch.Tensor | None:
         if self.mode != "grad" or self.variant != "coupled":
@@ -255,15 +307,15 @@ class L2SP(AnchoredRegularizer):
         return self._all_reduce(ctx, v)
 
     def _lrs(self, ctx: RegContext, lr: float) -> list[float]:
-        """Each parameter's current lr (its optimizer group's), else the scheduled lr."""
-        opt = getattr(ctx.backend, "optimizer", None) if ctx.backend is not None else None
-        groups = getattr(opt, "param_groups", None)
-        if not groups:
+        """Each parameter's current lr (``ctx.param_lr``: its optimizer group's), else the
+        scheduled ``lr`` the loop passed."""
+        if ctx.param_lr is None:
             return [lr] * len(self.params)
-        if self._group_of is None:
-            self._group_of = {id(p): g for g in groups for p in g["params"]}
-        return [float(self._group_of[id(p)]["lr"]) if id(p) in self._group_of else lr
-                for p in self.params]
+        out = []
+        for p in self.params:
+            v = ctx.param_lr(p)
+            out.append(lr if v is None else float(v))
+        return out
 
     def after_step(self, ctx: RegContext, lr: float) -> torch.Tensor | None:
         if self.variant != "decoupled":

@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     setup_logging(debug_enabled(argv))
-    from forgetkit.regularizers.build import build_regularizers
+    from forgetkit.regularizers.build import check_regularizers
     from forgetkit.train.loop import train
 
     try:
-        regs, replay, ratio = build_regularizers(cfg)
-        train(cfg, regs, replay=replay, replay_ratio=ratio)
+        check_regularizers(cfg)
+        train(cfg)
     except ConfigError:
         raise  # bad input: its one line says everything
     except Exception as e:

@@ -45,9 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from forgetkit.config import Config, ConfigError, dump_config
+from forgetkit.config import Config, ConfigError, config_to_dict, dump_config
 from forgetkit.data.batching import collate, epoch_stream, plan_batches, split_step
-from forgetkit.data.sources import build_examples, load_records, select, split_records
+from forgetkit.data.sets import ExampleSets, build_example_sets
 from forgetkit.data.templates import IGNORE_INDEX, Example
 from forgetkit.identity import (
     format_mismatch,
@@ -58,15 +58,11 @@ from forgetkit.identity import (
 )
 from forgetkit.locking import dir_lock
 from forgetkit.models import human_count, load_model, save_hf_checkpoint
-from forgetkit.regularizers.base import RegContext, Regularizer
+from forgetkit.regularizers.base import RegContext, Regularizer, optimizer_lr_lookup
+from forgetkit.regularizers.build import build_regularizers
 from forgetkit.train.distributed import Backend, DeepSpeedBackend, make_backend
-from forgetkit.train.optim import (
-    build_optimizer,
-    lr_factor,
-    param_groups,
-    set_lr,
-    warmup_steps,
-)
+from forgetkit.train.optim import build_optimizer, lr_at, param_groups, set_lr
+from forgetkit.train.tracking import Trackers, check_trackers
 
 log = logging.getLogger("forgetkit")
 
@@ -107,14 +103,6 @@ class DiskFull(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
-
-
-@dataclass
-class TrainData:
-    train: list[Example]
-    validation: list[Example]
-    replay: list[Example]
-    replay_ratio: float
 
 
 @dataclass
@@ -160,35 +148,16 @@ def memory_report(cfg: Config, backend: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- data
 
-def build_data(cfg: Config, tokenizer: Any, replay_spec: Any = None, replay_ratio: float = 0.0
-               ) -> TrainData:
-    d = cfg.data
-    packed = d.batching == "packed"
-    records = select(load_records(d.train), d.train, cfg.seed)
-    if d.validation is not None:
-        train_r = records
-        val_r = select(load_records(d.validation), d.validation, cfg.seed)
-    else:
-        train_r, val_r = split_records(records, d.validation_fraction, cfg.seed)
-    mk = dict(tokenizer=tokenizer, max_length=d.max_length, train_on_prompt=d.train_on_prompt,
-              packed=packed)
-    train = build_examples(train_r, d.train, **mk)
-    val = build_examples(val_r, d.validation or d.train, **mk)
-    replay: list[Example] = []
-    if replay_spec is not None:
-        rec = select(load_records(replay_spec), replay_spec, cfg.seed)
-        replay = build_examples(rec, replay_spec, tokenizer, d.max_length, d.train_on_prompt,
-                                packed=False, source=1)
-    if not train:
-        raise ConfigError(f"data.train: no example keeps a target token within "
-                          f"data.max_length={d.max_length}; raise data.max_length")
-    return TrainData(train, val, replay, replay_ratio)
+def build_data(cfg: Config, tokenizer: Any) -> ExampleSets:
+    """Every example set of the run (task, validation, replay, Fisher, KL): the data layer's
+    :func:`forgetkit.data.sets.build_example_sets`."""
+    return build_example_sets(cfg, tokenizer)
 
 
 class StepPlan:
     """Which examples every optimizer step uses: a pure function of (data, config, seed)."""
 
-    def __init__(self, data: TrainData, cfg: Config, world_size: int) -> None:
+    def __init__(self, data: ExampleSets, cfg: Config, world_size: int) -> None:
         t = cfg.training
         self.data, self.cfg, self.world_size = data, cfg, world_size
         self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * world_size
@@ -700,13 +669,32 @@ class _Progress:
     checkpoint: int | None = None
 
 
-def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any = None,
-          replay_ratio: float = 0.0, progress: bool = True) -> TrainResult:
+def reg_context(backend: Backend, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                ) -> RegContext:
+    """The regularizers' view of this loop: the typed fields of :class:`RegContext`, taken
+    from the backend (strategy, ranks, reduction, autocast) and the optimizer (lr per
+    parameter). Under DeepSpeed gradients are not left in ``p.grad``."""
+    is_ds = isinstance(backend, DeepSpeedBackend)
+    return RegContext(model=model, params=backend.local_params, device=backend.device,
+                      rank=backend.rank, world_size=backend.world_size,
+                      strategy=backend.name,  # type: ignore[arg-type]
+                      zero_stage=backend.dcfg.zero_stage if is_ds else None,
+                      grads_in_params=not is_ds, all_reduce_sum=backend.all_reduce_sum,
+                      autocast=backend.autocast, param_lr=optimizer_lr_lookup(optimizer))
+
+
+def train(cfg: Config, regularizers: Sequence[Regularizer] | None = None, *,
+          progress: bool = True) -> TrainResult:
     """Fully fine-tune ``cfg.model`` on ``cfg.data``; see the module docstring for the numerics.
+
+    ``regularizers``: None (default) builds ``cfg.regularizers`` with the batches the data layer
+    built (:func:`forgetkit.regularizers.build_regularizers`); a sequence (API and tests) is used
+    as given, in place of the config's. Replay is data: ``cfg.data.replay``.
 
     Writes into ``cfg.output_dir()``: ``config.yaml``, ``train_log.jsonl``, ``checkpoints/``,
     (``output.save_model``) ``model/``, a standard HF checkpoint, and, only on success,
-    ``train_result.json``. Rank 0 holds ``dir_lock(out_dir)`` throughout: one writer.
+    ``train_result.json``; the log records also go to the experiment trackers named in
+    ``output.trackers`` (``tensorboard`` writes to ``<output dir>/tensorboard``). Rank 0 holds ``dir_lock(out_dir)`` throughout: one writer.
 
     Raises:
         LockHeld: another process trains into the same output directory.
@@ -722,23 +710,26 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] = (), *, replay: Any 
         _on_main(backend, lambda: bool(stack.enter_context(
             dir_lock(out_dir, "training output"))))
         try:
-            return _train(cfg, backend, regularizers, replay, replay_ratio, progress, status)
+            return _train(cfg, backend, regularizers, progress, status, stack)
         except TrainingInterrupted:
             raise
         except KeyboardInterrupt:
             raise TrainingInterrupted(status.step, status.checkpoint) from None
 
 
-def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer], replay: Any,
-           replay_ratio: float, progress: bool, status: _Progress) -> TrainResult:
+def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | None,
+           progress: bool, status: _Progress, stack: contextlib.ExitStack) -> TrainResult:
     t = cfg.training
     out_dir = cfg.output_dir()
     ckpt_root = out_dir / "checkpoints"
+    check_trackers(cfg.output.trackers)  # every rank, before anything is loaded
     seed_everything(cfg.seed)
 
     # -- model and data (identical on every rank: same seed, same files)
     model, tokenizer = load_model(cfg.model)
-    data = build_data(cfg, tokenizer, replay, replay_ratio)
+    data = build_data(cfg, tokenizer)
+    if regularizers is None:
+        regularizers = build_regularizers(cfg, data, tokenizer.pad_token_id)
     plan = StepPlan(data, cfg, backend.world_size)
     log.info("data: %d train / %d validation examples (+%d replay pool, ratio %.3f); "
              "%d steps/epoch, %d steps, global batch %d", len(data.train), len(data.validation),
@@ -759,12 +750,10 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer], r
     # -- place/shard, then regularizers snapshot theta0 from the (local) parameters
     model = backend.shard(model)
     model.train()
-    ctx = RegContext(model=model, params=backend.local_params, device=backend.device,
-                     rank=backend.rank, world_size=backend.world_size, tokenizer=tokenizer,
-                     backend=backend)
     backend.model = model
     named = list(backend.local_params())
     optimizer = build_optimizer(param_groups(named, t), t, backend.device)
+    ctx = reg_context(backend, model, optimizer)
     for reg in regularizers:
         reg.prepare(ctx)
     if t.clip_scope == "loss" and t.max_grad_norm:
@@ -778,7 +767,6 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer], r
         p.grad = None
     model, optimizer = backend.wrap(model, optimizer)
     ctx.model = model
-    warm = warmup_steps(t, plan.total_steps)
 
     # -- resume; only now, validated, does the output describe this run
     start_step, counters, resumed_from = 0, {"tokens": 0, "target_tokens": 0, "time_s": 0.0}, None
@@ -792,6 +780,19 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer], r
         _write_text(out_dir / "config.yaml", dump_config(cfg))
         _rewrite_log(log_path, start_step)  # drop log lines past the checkpoint
     backend.barrier()
+    # Experiment trackers (rank 0; train_log.jsonl is always written): closed on every exit.
+    trackers = Trackers([], cfg.name, out_dir, {}, is_main=False)  # off on other ranks
+
+    def start_trackers() -> int:  # rank 0; a failure reaches every rank (_on_main)
+        nonlocal trackers
+        trackers = Trackers(cfg.output.trackers, cfg.name, out_dir, config_to_dict(cfg),
+                            is_main=True, start_step=start_step,
+                            run_name=f"{cfg.name}/{out_dir.name}")
+        stack.callback(trackers.finish)
+        return 1
+
+    if cfg.output.trackers:
+        _on_main(backend, start_trackers)
 
     pad_id = tokenizer.pad_token_id
     bar = None
@@ -850,8 +851,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer], r
                 reg_acc[reg.name] = reg_acc.get(reg.name, 0) + v.detach()
         if t.clip_scope == "all":
             grad_norm = backend.clip_grad_norm(t.max_grad_norm)
-        lr = set_lr(optimizer, t.lr, lr_factor(step, plan.total_steps, warm, t.scheduler,
-                                               t.min_lr_ratio))
+        lr = set_lr(optimizer, t.lr, lr_at(t, plan.total_steps, step))
         backend.optimizer_step()
         if isinstance(backend, DeepSpeedBackend):
             grad_norm = backend.grad_norm_after_step()  # None: the engine computed none
@@ -906,6 +906,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer], r
             if backend.is_main:
                 with _writing(out_dir), log_path.open("a") as fh:
                     fh.write(json.dumps(rec) + "\n")
+                trackers.log(rec, step=done)
         elif t.eval_every and done % t.eval_every == 0 and done != plan.total_steps:
             val_loss = validation_loss(backend, data.validation, t.micro_batch_size, pad_id,
                                        cfg.data.pad_to_multiple_of)
@@ -932,6 +933,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer], r
         with _writing(out_dir), log_path.open("a") as fh:
             fh.write(json.dumps({"step": plan.total_steps, "final": True,
                                  "val_loss": val_loss}) + "\n")
+        trackers.log({"val_loss": val_loss}, step=plan.total_steps)
     if plan.total_steps > start_step or last is None:
         save_checkpoint(backend, regularizers, ckpt_root, plan.total_steps, counters,
                         t.keep_checkpoints, identity)

@@ -1,10 +1,35 @@
-"""Parameter groups, optimizers and learning-rate schedules (pure functions of the config)."""
+"""Parameter groups, optimizers and learning-rate schedules (pure functions of the config).
+
+The schedules are transformers' own (``transformers.optimization``), so forgetkit's loop and a
+``transformers.Trainer`` given :func:`trainer_schedule_args` use the same learning rate on every
+optimizer step. ``training.scheduler`` maps to:
+
+==========  ==============================================  ===========================
+forgetkit   transformers function                           ``lr_scheduler_type``
+==========  ==============================================  ===========================
+cosine      ``get_cosine_with_min_lr_schedule_with_warmup``  ``cosine_with_min_lr``
+            (``min_lr_rate = training.min_lr_ratio``)
+linear      ``get_linear_schedule_with_warmup``             ``linear``
+constant    ``get_constant_schedule_with_warmup``           ``constant_with_warmup``
+==========  ==============================================  ===========================
+
+Their numerics, for optimizer step ``s`` (0-based: the factor the step ``s`` update uses),
+``W`` warmup steps and ``N`` total steps: warmup ``s / W`` for ``s < W`` -- so step 0 uses
+lr 0 and the peak is first reached at step ``W`` --, then with ``p = (s - W) / max(1, N - W)``:
+cosine ``r + (1 - r) * 0.5 * (1 + cos(pi * p))`` (``r`` = min_lr_ratio; the floor itself is
+reached only at ``s = N``, one past the last step), linear ``max(0, (N - s) / max(1, N - W))``,
+constant ``1``. With ``0 < W < N`` the peak is used by exactly one step for cosine
+(``r < 1``) and linear. (forgetkit before issue 13 used ``(s + 1) / W`` during warmup, which
+matches neither scheduler and used the peak on two consecutive steps.)
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -36,7 +61,8 @@ def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], cfg: Traini
                  ) -> list[dict]:
     """AdamW groups: no weight decay for 1-D tensors (norms, biases); per-depth lr scales.
 
-    Each group carries ``lr_scale``; the schedule sets ``lr = peak * factor(step) * lr_scale``.
+    Each group carries ``lr_scale`` and starts at ``lr = cfg.lr * lr_scale``; the schedule sets
+    ``lr = peak * lr_scale * factor(step)`` (:func:`set_lr`, :func:`build_scheduler`).
     """
     n_layers = count_layers(n for n, _ in named_params)
     groups: dict[tuple[bool, int], dict] = {}
@@ -82,32 +108,107 @@ def build_optimizer(groups: list[dict], cfg: TrainingConfig, device: torch.devic
 
 
 def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
+    """Number of warmup steps: ``training.warmup_steps`` if set, else
+    ``ceil(warmup_ratio * total_steps)``.
+
+    transformers 5 has no ``warmup_ratio`` argument any more: ``TrainingArguments.warmup_steps``
+    below 1 is read as a ratio, ``math.ceil(num_training_steps * warmup_steps)`` -- the same
+    product (IEEE multiplication commutes), hence the same count, including its rounding up of
+    float noise (ratio 0.07 of 100 steps: ``0.07 * 100 = 7.000000000000001`` -> 8, in both).
+    They differ at ratio 1.0, which transformers reads as *one* step (``int(1.0)``) and forgetkit
+    as all ``total_steps``; :func:`trainer_schedule_args` therefore always passes the integer.
+    """
     if cfg.warmup_steps is not None:
         return cfg.warmup_steps
     return int(math.ceil(cfg.warmup_ratio * total_steps))
 
 
-def lr_factor(step: int, total_steps: int, warmup: int, kind: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based; the lr used *by* it).
+# forgetkit's ``training.scheduler`` -> transformers' ``SchedulerType`` giving the same schedule.
+# ("constant" in transformers ignores warmup; "constant_with_warmup" with 0 steps is 1.0 always.)
+TRAINER_SCHEDULER_TYPE: dict[str, str] = {"cosine": "cosine_with_min_lr", "linear": "linear",
+                                          "constant": "constant_with_warmup"}
 
-    Linear warmup from peak/(warmup) at step 0 to peak at ``warmup``; then
-    ``cosine``: to ``min_ratio`` at the last step, ``linear``: to 0 at the end, ``constant``: 1.
-    """
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    span = max(1, total_steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    if kind == "linear":
-        return 1.0 - progress
+
+def _transformers_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int,
+                            total_steps: int, min_ratio: float
+                            ) -> torch.optim.lr_scheduler.LambdaLR:
+    # Imported here: transformers.optimization is slow to import and only needed once a
+    # schedule is built.
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_with_min_lr_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
     if kind == "cosine":
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+            min_lr_rate=min_ratio)
+    if kind == "linear":
+        return get_linear_schedule_with_warmup(optimizer, num_warmup_steps=warmup,
+                                               num_training_steps=total_steps)
+    if kind == "constant":
+        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
     raise ValueError(f"unknown schedule {kind!r}")
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total_steps: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' scheduler for ``training.scheduler`` over ``total_steps`` optimizer steps.
+
+    A ``LambdaLR``: each group's lr becomes ``initial_lr * factor(s)``, where ``initial_lr`` is
+    the group's lr when the scheduler is built (``cfg.lr * lr_scale`` for the groups of
+    :func:`param_groups`: build it on a fresh optimizer) and ``s`` counts ``scheduler.step()``
+    calls (one after every ``optimizer.step()``, as the Trainer does). Construction already sets
+    the lr of step 0. :func:`lr_at` gives the same factors statelessly.
+    """
+    return _transformers_scheduler(optimizer, cfg.scheduler, warmup_steps(cfg, total_steps),
+                                   total_steps, cfg.min_lr_ratio)
+
+
+@functools.lru_cache(maxsize=32)
+def _schedule_lambda(kind: str, warmup: int, total_steps: int, min_ratio: float
+                     ) -> Callable[[int], float]:
+    """The very ``lr_lambda`` transformers builds, taken from a scheduler on a 1-element probe
+    optimizer (only public transformers functions are used)."""
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return _transformers_scheduler(probe, kind, warmup, total_steps, min_ratio).lr_lambdas[0]
+
+
+def lr_at(cfg: TrainingConfig, total_steps: int, step: int) -> float:
+    """Factor of the peak lr used by optimizer step ``step`` (0-based), out of ``total_steps``.
+
+    Exactly transformers' lambda (see the module docstring), stateless: a resumed run computes
+    the factor of any step without scheduler state. ``lr_at(cfg, N, s) * cfg.lr`` equals the lr
+    a ``Trainer`` with :func:`trainer_schedule_args` uses at step ``s`` (bit for bit).
+    """
+    return float(_schedule_lambda(cfg.scheduler, warmup_steps(cfg, total_steps), total_steps,
+                                  float(cfg.min_lr_ratio))(step))
+
+
+def trainer_schedule_args(cfg: TrainingConfig, total_steps: int) -> dict[str, Any]:
+    """``TrainingArguments`` keywords that give a ``transformers.Trainer`` this schedule.
+
+    ``learning_rate``, ``lr_scheduler_type``, ``lr_scheduler_kwargs`` (``min_lr_rate`` for
+    cosine), ``warmup_steps`` (always the integer count, see :func:`warmup_steps`) and
+    ``max_steps``. Only the schedule: a Trainer has no per-layer lrs (``layer_lr_decay``).
+    """
+    kwargs: dict[str, Any] = ({"min_lr_rate": float(cfg.min_lr_ratio)}
+                              if cfg.scheduler == "cosine" else {})
+    return {"learning_rate": cfg.lr, "lr_scheduler_type": TRAINER_SCHEDULER_TYPE[cfg.scheduler],
+            "lr_scheduler_kwargs": kwargs, "warmup_steps": warmup_steps(cfg, total_steps),
+            "max_steps": total_steps}
+
+
 def set_lr(optimizer: torch.optim.Optimizer, peak: float, factor: float) -> float:
-    lr = peak * factor
+    """Set every group's lr to ``peak * lr_scale * factor``; return ``peak * factor``.
+
+    ``lr_scale`` is the group's discriminative scale from :func:`param_groups` (1.0 when
+    absent). The product is evaluated as ``(peak * lr_scale) * factor``, the order of a
+    ``LambdaLR`` (``initial_lr * factor`` with ``initial_lr = cfg.lr * lr_scale``), so each group
+    gets bit for bit the lr :func:`build_scheduler` would give it. The returned value is the lr
+    of a scale-1 group (what the log records and decoupled regularizers use).
+    """
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
-    return lr
+        g["lr"] = peak * g.get("lr_scale", 1.0) * factor
+    return peak * factor
