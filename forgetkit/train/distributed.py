@@ -75,6 +75,43 @@ def _ensure_process_group(cpu: bool) -> None:
         os.environ.setdefault(k, v)
 
 
+def check_launcher_settings(dcfg: DistributedConfig, tcfg: TrainingConfig,
+                            env: dict[str, str] | None = None) -> None:
+    """Settings an ``accelerate launch`` passes through the environment, against the config.
+
+    Precedence, one rule: **the forgetkit config wins** (config > launcher > default). The
+    training precision is ``training.mixed_precision`` (default ``no``); a launcher that asks
+    for another one (``mixed_precision:`` in its config file, ``--mixed_precision``: the
+    ``ACCELERATE_MIXED_PRECISION`` variable) gets a warning that says which precision trains and
+    how to change it. The sharding strategy is ``distributed.strategy`` (forgetkit applies FSDP2
+    and DeepSpeed itself): a launcher flag ``--use_fsdp`` / ``--use_deepspeed``
+    (``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``) is refused, with the config key to
+    use instead, rather than half-applied by accelerate's plugins.
+
+    Raises:
+        ConfigError: a launcher strategy flag is set.
+    """
+    from forgetkit.config import ConfigError
+
+    env = dict(os.environ) if env is None else env
+    on = {"1", "true", "yes"}
+    for var, flag, strategy in (("ACCELERATE_USE_FSDP", "--use_fsdp", "fsdp"),
+                                ("ACCELERATE_USE_DEEPSPEED", "--use_deepspeed", "deepspeed")):
+        if env.get(var, "").strip().lower() in on:
+            raise ConfigError(
+                f"the launcher asks for {strategy} ({flag} / {var}=true), but forgetkit applies "
+                f"the sharding strategy of its config itself: drop {flag} from the launcher "
+                f"(and any {strategy} section of its config file) and set "
+                f"distributed.strategy={strategy} (now '{dcfg.strategy}')")
+    asked = env.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if asked and asked != tcfg.mixed_precision:
+        log.warning("the launcher asks for mixed precision '%s' (ACCELERATE_MIXED_PRECISION), "
+                    "the config's training.mixed_precision is '%s': the config wins, training "
+                    "runs in %s; set training.mixed_precision=%s to train in %s", asked,
+                    tcfg.mixed_precision, "fp32" if tcfg.mixed_precision == "no"
+                    else tcfg.mixed_precision, asked, asked)
+
+
 class Backend:
     """Base/single-process and DDP backend (via accelerate)."""
 
@@ -86,6 +123,8 @@ class Backend:
         cpu = dcfg.cpu if dcfg.cpu is not None else not torch.cuda.is_available()
         # Gradient accumulation is done by the loop itself (token-normalised), so accelerate
         # must not divide the loss by the number of micro-steps: gradient_accumulation_steps=1.
+        check_launcher_settings(dcfg, tcfg)
+        # The config's precision is passed explicitly: it wins over the launcher's (above).
         mp = tcfg.mixed_precision if dcfg.strategy != "deepspeed" else "no"
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mp)
         if dcfg.strategy in ("fsdp", "deepspeed"):
