@@ -106,7 +106,7 @@ def forgetkit_config(args: argparse.Namespace, work: Path) -> Any:
                   "attn_implementation": "sdpa"},
         "data": {"train": {"path": str(work / "train.jsonl"), "format": "chat"},
                  "validation_fraction": 0.0, "max_length": args.max_length,
-                 "batching": "length_grouped", "pad_to_multiple_of": 8},
+                 "batching": args.batching, "pad_to_multiple_of": 8},
         "training": {"micro_batch_size": args.batch_size,
                      "gradient_accumulation_steps": args.grad_accum,
                      "max_steps": args.warmup + args.steps, "lr": args.lr,
@@ -222,16 +222,25 @@ def run_forgetkit(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     assert plan.total_steps == s and plan.steps_per_epoch == s
     micro = []
     chk = 0
+    flat = cfg.data.batching == "padding_free"
     for k in range(w, s):
         mbs, n_t, _ = plan.step(k, 0)
         chk += n_t
         for mb in mbs:
-            T = collate(mb, tok.pad_token_id, cfg.data.pad_to_multiple_of)["input_ids"].shape[1]
+            T = (sum(len(e.input_ids) for e in mb) if flat else
+                 collate(mb, tok.pad_token_id, cfg.data.pad_to_multiple_of)["input_ids"].shape[1])
             micro.append((T, [len(e.input_ids) for e in mb]))
     assert chk == targets
+    acc = account(model_dims(model), micro)
+    if flat:  # one row of sum(lens) tokens: no padding token; attention over the whole row
+        # (sdpa/eager with a block-diagonal mask compute every score of the row, then mask)
+        acc = account(model_dims(model), [(T, [T]) for T, _ in micro])
+        acc.update({k: v for k, v in account(model_dims(model), [(n, [n]) for _, lens in micro
+                                                                 for n in lens]).items()
+                    if k.startswith("useful")})
     return {"elapsed_s": elapsed, "target_tokens": targets, "step_times": step_times,
             "final_loss": log[-2]["loss"] if len(log) > 1 else None,
-            **account(model_dims(model), micro)}
+            **acc}
 
 
 def run_hf(args: argparse.Namespace, work: Path, method: str) -> dict[str, Any]:
@@ -375,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batching", choices=("length_grouped", "padding_free"),
+                   default="length_grouped", help="forgetkit's data.batching")
     p.add_argument("--median-len", type=float, default=120.0,
                    help="median example length in tokens (lognormal)")
     p.add_argument("--sigma", type=float, default=0.75, help="lognormal sigma of the lengths")
@@ -409,7 +420,7 @@ def _worker_argv(args: argparse.Namespace, method: str, work: Path, repeat: int)
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", method,
             "--workdir", str(work), "--repeat", str(repeat)]
     for k in ("steps", "warmup", "hidden", "layers", "heads", "intermediate", "batch_size",
-              "grad_accum", "max_length", "lr", "threads", "seed"):
+              "grad_accum", "max_length", "lr", "threads", "seed", "batching"):
         v = getattr(args, k)
         if v is not None:
             argv += [f"--{k.replace('_', '-')}", str(v)]
@@ -457,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
               f"targets/example mean {tgts.mean():.0f} ({tgts.sum() / lens.sum():.0%} of tokens)")
         print(f"run: micro-batch {args.batch_size} x accum {args.grad_accum}, AdamW (fused) lr "
               f"{args.lr:g} constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed "
-              f"optimizer steps per method, one epoch, max_length {args.max_length}")
+              f"optimizer steps per method, one epoch, max_length {args.max_length}, forgetkit "
+              f"data.batching {args.batching}")
         print(f"objective check: |loss_forgetkit - loss_HF| on one batch = {diff:.2e}")
         peak = matmul_peak(4.0 if args.quick else 8.0)
         results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}

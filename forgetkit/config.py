@@ -167,7 +167,14 @@ class DataConfig:
                                     doc="held out of train when no validation source is given")
     max_length: int = _f(512, ge=8)
     train_on_prompt: bool = _f(False, doc="also put loss on prompt tokens")
-    batching: Literal["length_grouped", "packed", "random"] = _f("length_grouped")
+    batching: Literal["length_grouped", "padding_free", "packed", "random"] = _f(
+        "length_grouped", doc="length_grouped: batches of similar lengths, right-padded; "
+        "padding_free: the same batches, each micro-batch's examples concatenated into one row "
+        "with per-example positions and attention kept inside each example (no padding; the "
+        "same loss and steps up to float rounding; refused at start where the model's "
+        "attention cannot keep the boundaries); packed: format text only, examples "
+        "concatenated and cut into max_length blocks (attention crosses documents); random: "
+        "no grouping")
     pad_to_multiple_of: int = _f(8, ge=1)
     replay: ReplayConfig | None = _f(None, doc="mix general examples into the training stream")
 

@@ -12,6 +12,12 @@ Length-grouped batching: examples are shuffled, cut into mega-batches of
 batches are shuffled again, so each batch holds similar lengths (little padding) while the order
 stays random. The batch holding the longest example goes first, so an out-of-memory error shows
 up on step 1 rather than hours in.
+
+Padding-free batching (``data.batching: padding_free``) plans exactly as ``length_grouped``
+(the same examples per step, in the same seeded order); only collation differs:
+:func:`collate_flat` concatenates a micro-batch's examples into one row (B = 1) with
+``position_ids`` restarting at 0 for each example, so no padding token is ever computed. The
+training loop (``forgetkit.train.loop``) keeps attention inside each example (see there).
 """
 
 from __future__ import annotations
@@ -96,6 +102,8 @@ def plan_batches(lengths: Sequence[int], global_batch: int, mode: str, seed: int
     if mode == "random" or mode == "packed":
         pos = np.arange(n)  # the stream is already shuffled
         return [pos[i * global_batch:(i + 1) * global_batch].tolist() for i in range(n_batches)]
+    if mode == "padding_free":  # same plan as length_grouped; only the collation differs
+        mode = "length_grouped"
     if mode != "length_grouped":
         raise ValueError(f"unknown batching mode {mode!r}")
     rng = _rng(seed, epoch + 7919)
@@ -150,6 +158,49 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to_multiple_of: int = 
         source[i] = e.source
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "source": source}
+
+
+def collate_flat(examples: Sequence[Example]) -> dict[str, torch.Tensor | int]:
+    """Concatenate examples into one row (B = 1): the padding-free micro-batch.
+
+    Returns ``input_ids``, ``labels``, ``position_ids`` and ``source`` as (1, N) tensors with
+    ``N = sum(len(e.input_ids))`` (no padding), ``cu_seq_lens`` (n+1,) int32 (the example
+    boundaries, for varlen attention kernels) and ``max_length`` (int: the longest example).
+    ``position_ids`` restart at 0 for each example (``0..len-1``); ``source`` is the example's
+    tag repeated over its tokens.
+
+    Labels are forgetkit's pre-shifted labels copied per example: ``labels[t]`` is the target of
+    position ``t`` inside its own example, and every example's last label is ``IGNORE_INDEX``
+    (``tokenize_record`` appends it), so no target crosses a boundary: the last position of an
+    example never predicts the first token of the next. A sequence whose last label is not
+    ignored (the blocks of ``pack_examples``) is refused.
+    """
+    if not examples:
+        raise ValueError("collate_flat: no examples")
+    ids: list[int] = []
+    labels: list[int] = []
+    pos: list[int] = []
+    src: list[int] = []
+    cu = [0]
+    for e in examples:
+        n = len(e.input_ids)
+        if n == 0 or len(e.labels) != n:
+            raise ValueError(f"collate_flat: example with {n} tokens and {len(e.labels)} labels")
+        if e.labels[-1] != IGNORE_INDEX:
+            raise ValueError("collate_flat: an example's last label must be IGNORE_INDEX (its "
+                             "target would be the next example's first token); packed text "
+                             "blocks are not padding-free examples")
+        ids += e.input_ids
+        labels += e.labels
+        pos += range(n)
+        src += [e.source] * n
+        cu.append(cu[-1] + n)
+    return {"input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([pos], dtype=torch.long),
+            "source": torch.tensor([src], dtype=torch.long),
+            "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
+            "max_length": max(len(e.input_ids) for e in examples)}
 
 
 def make_batches(examples: Sequence[Example], batch_size: int, pad_id: int,

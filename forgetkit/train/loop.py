@@ -21,6 +21,14 @@ Each rank back-propagates, per micro-batch m, ``sum_{t in m} CE_t * W / N_G`` wh
 world size, because DDP/FSDP/DeepSpeed *average* gradients over the ranks (dividing by W).
 N_G comes from the deterministic plan, which every rank knows: no communication is needed.
 With this, accumulation 4 x batch 2 equals batch 8, and 2 processes equal 1.
+
+Padding-free batches (``data.batching: padding_free``): the plan is length_grouped's (the same
+examples per step), but each micro-batch is one row of its examples concatenated
+(:func:`forgetkit.data.batching.collate_flat`), with ``position_ids`` restarting at 0 per example
+and attention kept inside each example (:class:`PaddingFree`, checked by a probe before
+training). ``sum CE_t`` over the row is the same sum as over the padded batch and N_G is the same
+count from the plan, so L is unchanged; a padding-free run takes the padded run's steps up to
+float rounding (different matmul shapes reorder the sums).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from forgetkit.config import Config, ConfigError, config_to_dict, dump_config
-from forgetkit.data.batching import collate, epoch_stream, plan_batches, split_step
+from forgetkit.data.batching import collate, collate_flat, epoch_stream, plan_batches, split_step
 from forgetkit.data.sets import ExampleSets, build_example_sets
 from forgetkit.data.templates import IGNORE_INDEX, Example
 from forgetkit.identity import (
@@ -214,14 +222,154 @@ def token_losses(model_out: Any, labels: torch.Tensor) -> torch.Tensor:
     return ce.view(labels.shape)
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- padding-free
+
+# Attention implementations whose boundaries transformers enforces from ``position_ids`` alone
+# (masking_utils: with ``attention_mask=None`` and no cache, ``find_packed_sequence_indices``
+# turns every position reset into a block of the causal mask; transformers >= 4.56, read in
+# 5.24), and those an explicit 4D block-diagonal mask can serve instead.
+_MASK_IMPLS = ("sdpa", "eager")
+
+
+def block_causal_mask(position_ids: torch.Tensor, attn_implementation: str) -> torch.Tensor:
+    """(1, 1, N, N) causal mask that never crosses an example of a flat row (positions restart
+    at 0 per example): bool (True = attend) for sdpa; additive float32 (0 or the float32
+    minimum, as transformers' eager mask) for eager."""
+    pos = position_ids.reshape(-1)
+    seq = torch.cumsum(pos == 0, 0)
+    n = pos.shape[0]
+    idx = torch.arange(n, device=pos.device)
+    allowed = (seq[:, None] == seq[None, :]) & (idx[None, :] <= idx[:, None])
+    allowed = allowed[None, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    zero = torch.zeros((), dtype=torch.float32, device=pos.device)
+    return torch.where(allowed, zero, torch.finfo(torch.float32).min)
+
+
+@dataclass
+class PaddingFree:
+    """How a padding-free forward keeps attention inside each example of the row.
+
+    ``how``: ``position_ids`` (transformers detects the resets and builds the block-diagonal
+    causal mask itself: sdpa, eager, flex); ``varlen`` (flash attention: the example boundaries
+    go in as ``cu_seq_lens_q/k`` and ``max_length_q/k``, flash_attn_varlen_func; no mask);
+    ``mask`` (an explicit 4D :func:`block_causal_mask`, for a model that ignores the resets).
+    Every form passes ``use_cache=False``: with a cache transformers skips the packed-sequence
+    detection (and training needs none).
+    """
+
+    how: str
+    attn_implementation: str
+
+    def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The model's keyword arguments for a batch of :func:`collate_flat`."""
+        kw: dict[str, Any] = {"input_ids": batch["input_ids"],
+                              "position_ids": batch["position_ids"], "use_cache": False}
+        if self.how == "varlen":
+            cu, m = batch["cu_seq_lens"], int(batch["max_length"])
+            kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
+        elif self.how == "mask":
+            kw["attention_mask"] = block_causal_mask(batch["position_ids"],
+                                                     self.attn_implementation)
+        return kw
+
+
+def model_inputs(batch: dict[str, Any], pf: PaddingFree | None) -> dict[str, Any]:
+    """The forward's keyword arguments: padded (``input_ids``, ``attention_mask``) or, with
+    ``pf``, the padding-free ones (:meth:`PaddingFree.inputs`)."""
+    if pf is None:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return pf.inputs(batch)
+
+
+@torch.no_grad()
+def _boundary_probe(forward: Callable[..., Any], pf: PaddingFree, vocab: int,
+                    device: torch.device) -> tuple[float, float, float]:
+    """(change of example B's logits when example A before it in the row changes, difference
+    between B in the row and B alone, scale of B's logits)."""
+    g = torch.Generator().manual_seed(0)
+    hi = max(2, min(vocab, 1000))
+    a, a2, b = (torch.randint(0, hi, (n,), generator=g).tolist() for n in (5, 5, 6))
+    ign = [IGNORE_INDEX]
+
+    def logits(*seqs: list[int]) -> torch.Tensor:
+        batch = _to(collate_flat([Example(x, ign * len(x)) for x in seqs]), device)
+        return forward(**pf.inputs(batch)).logits[0, -len(b):].float()
+
+    row, row2, alone = logits(a, b), logits(a2, b), logits(b)
+    return (float((row - row2).abs().max()), float((row - alone).abs().max()),
+            max(1.0, float(row.abs().max())))
+
+
+def padding_free_setup(backend: Backend) -> PaddingFree:
+    """Pick how the padding-free forward keeps example boundaries for this model, and prove it.
+
+    Candidates by attention implementation (``model.config._attn_implementation``): flash
+    kernels take ``varlen`` then ``position_ids``; sdpa/eager take ``position_ids`` (transformers'
+    packed-sequence detection) then an explicit ``mask``; anything else ``position_ids``. Each is
+    probed in eval mode without gradients (all ranks run it: sharded models need every rank):
+    two rows ``[A, B]`` and ``[A', B]`` must give example B the same logits (within 4 float
+    eps of the model's dtype times the logit scale: masked keys contribute exact zeros, so a
+    kernel that keeps boundaries differs by rounding at most; attention across the boundary
+    changes B by O(1)), and B in the row must match B alone within sqrt(eps) x scale (positions
+    restart; other shapes round differently). The first candidate that passes is used.
+
+    Raises:
+        ConfigError: no candidate keeps the boundaries (the message names the implementation).
+    """
+    model = backend.unwrap()
+    config = getattr(model, "config", None)
+    impl = str(getattr(config, "_attn_implementation", None) or "eager")
+    vocab = int(getattr(config, "vocab_size", 2) or 2)
+    if "flash" in impl:
+        candidates = ["varlen", "position_ids"]
+    elif impl in _MASK_IMPLS:
+        candidates = ["position_ids", "mask"]
+    else:
+        candidates = ["position_ids"]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    eps = torch.finfo(dtype).eps
+    was_training = backend.model.training
+    backend.model.eval()
+    tried = []
+    try:
+        for how in candidates:
+            pf = PaddingFree(how, impl)
+            try:
+                with backend.autocast():
+                    cross, alone, scale = _boundary_probe(backend.forward, pf, vocab,
+                                                          backend.device)
+            except (TypeError, ValueError, RuntimeError) as e:
+                tried.append(f"{how}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                continue
+            if cross <= 4 * eps * scale and alone <= math.sqrt(eps) * scale:
+                log.info("padding-free batches: attention %s, boundaries kept by %s", impl, how)
+                return pf
+            tried.append(f"{how}: logits change by {cross:.2e} across the boundary, "
+                         f"{alone:.2e} against the example alone")
+    finally:
+        if was_training:
+            backend.model.train()
+    raise ConfigError(
+        f"data.batching 'padding_free': the model's attention ({impl}) does not keep the "
+        f"example boundaries of a flat row ({'; '.join(tried)}); set model.attn_implementation "
+        "to sdpa or eager, or use data.batching: length_grouped")
 
 
 @torch.no_grad()
 def validation_loss(backend: Backend, examples: Sequence[Example], micro_batch_size: int,
-                    pad_id: int, pad_multiple: int) -> float | None:
-    """Mean loss per target token over ``examples``, split across ranks (all ranks call it)."""
+                    pad_id: int, pad_multiple: int, pf: PaddingFree | None = None
+                    ) -> float | None:
+    """Mean loss per target token over ``examples``, split across ranks (all ranks call it).
+
+    Batches of ``micro_batch_size`` examples, longest first; ``pf`` (padding-free runs): each
+    batch is one flat row (:func:`collate_flat`), the same examples, sums and count."""
     if not examples:
         return None
     model = backend.model
@@ -234,11 +382,11 @@ def validation_loss(backend: Backend, examples: Sequence[Example], micro_batch_s
     for k in range(n_iter):
         b = k * backend.world_size + backend.rank
         real = b < len(batches)  # sharded models need every rank in every forward
-        batch = _to(collate([examples[i] for i in batches[b if real else 0]], pad_id,
-                            pad_multiple), backend.device)
+        exs = [examples[i] for i in batches[b if real else 0]]
+        batch = _to(collate_flat(exs) if pf is not None else collate(exs, pad_id, pad_multiple),
+                    backend.device)
         with backend.autocast():
-            out = backend.forward(input_ids=batch["input_ids"],
-                                  attention_mask=batch["attention_mask"])
+            out = backend.forward(**model_inputs(batch, pf))
         if real:
             ce = token_losses(out, batch["labels"])
             total[0] += ce.sum().double()
@@ -767,6 +915,8 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
         p.grad = None
     model, optimizer = backend.wrap(model, optimizer)
     ctx.model = model
+    # Padding-free batches: how this model keeps example boundaries, probed (nothing written yet)
+    pf = padding_free_setup(backend) if cfg.data.batching == "padding_free" else None
 
     # -- resume; only now, validated, does the output describe this run
     start_step, counters, resumed_from = 0, {"tokens": 0, "target_tokens": 0, "time_s": 0.0}, None
@@ -819,12 +969,12 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
         micro, n_targets, n_tokens = plan.step(step, backend.rank)
         scale = backend.world_size / n_targets  # see the module docstring
         for a, examples in enumerate(micro):
-            batch = _to(collate(examples, pad_id, cfg.data.pad_to_multiple_of), dev)
+            batch = _to(collate_flat(examples) if pf is not None else
+                        collate(examples, pad_id, cfg.data.pad_to_multiple_of), dev)
             with backend.sync_context(sync=a == n_micro - 1):
                 with backend.autocast():
-                    out = backend.forward(input_ids=batch["input_ids"],
-                                          attention_mask=batch["attention_mask"])
-                ce = token_losses(out, batch["labels"])  # (B, T) fp32
+                    out = backend.forward(**model_inputs(batch, pf))
+                ce = token_losses(out, batch["labels"])  # (B, T) fp32; padding-free (1, N)
                 task_sum = ce.sum()
                 loss = task_sum * scale
                 for reg in regularizers:  # penalty terms that need a forward pass (e.g. KL)
@@ -838,7 +988,8 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
                 acc[0] += task_sum.detach().double()
                 acc[1] += targets.sum()
                 if has_replay:  # masked sums, not `if rep.any()`: no host sync per micro-step
-                    rep = (batch["source"] == 1)[:, None]  # (B, 1): replay examples
+                    rep = batch["source"] == 1  # (B,) per example; padding-free (1, N)
+                    rep = rep[:, None] if rep.dim() == 1 else rep  # (B, 1): replay examples
                     acc[2] += (ce.detach() * rep).sum().double()
                     acc[3] += (targets & rep).sum()
         # Gradients are now reduced across ranks. Gradient-space regularizer terms (in place),
@@ -901,7 +1052,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
             t_last, tok_last = now, counters["tokens"]
             if t.eval_every and done % t.eval_every == 0 and done != plan.total_steps:
                 val_loss = validation_loss(backend, data.validation, t.micro_batch_size, pad_id,
-                                           cfg.data.pad_to_multiple_of)
+                                           cfg.data.pad_to_multiple_of, pf)
                 rec["val_loss"] = val_loss
             if backend.is_main:
                 with _writing(out_dir), log_path.open("a") as fh:
@@ -909,7 +1060,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
                 trackers.log(rec, step=done)
         elif t.eval_every and done % t.eval_every == 0 and done != plan.total_steps:
             val_loss = validation_loss(backend, data.validation, t.micro_batch_size, pad_id,
-                                       cfg.data.pad_to_multiple_of)
+                                       cfg.data.pad_to_multiple_of, pf)
         if bar is not None:
             bar.update(1)
         counters["time_s"] = time.perf_counter() - t_start
@@ -928,7 +1079,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
         bar.close()
     # -- the end: validation, final checkpoint, HF model
     val_loss = validation_loss(backend, data.validation, t.micro_batch_size, pad_id,
-                               cfg.data.pad_to_multiple_of)
+                               cfg.data.pad_to_multiple_of, pf)
     if backend.is_main:
         with _writing(out_dir), log_path.open("a") as fh:
             fh.write(json.dumps({"step": plan.total_steps, "final": True,
