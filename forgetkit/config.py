@@ -53,6 +53,8 @@ __all__ = [
     "ReplayConfig",
     "DataConfig",
     "TrainingConfig",
+    "LoRAConfig",
+    "FreezeConfig",
     "DistributedConfig",
     "OutputConfig",
     "L2Config",
@@ -180,6 +182,29 @@ class DataConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Train low-rank adapters (peft LoRA) instead of every weight; merged into a standard HF
+    checkpoint for evaluation."""
+
+    r: int = _f(8, ge=1, doc="adapter rank")
+    alpha: float = _f(16.0, gt=0.0, doc="scaling numerator: the update is (alpha / r) * B A")
+    dropout: float = _f(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = _f(
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                         "down_proj"], doc="module names (peft's target_modules)")
+    bias: Literal["none", "all", "lora_only"] = _f("none")
+
+
+@dataclass
+class FreezeConfig:
+    """Parameters kept at their initial values (no gradient, no optimizer state)."""
+
+    embeddings: bool = _f(False, doc="freeze the input embeddings (and a tied output head)")
+    bottom_layers: int = _f(0, ge=0, doc="freeze decoder layers 0..k-1")
+    patterns: list[str] = _f(factory=list, doc="regex patterns of parameter names to freeze")
+
+
+@dataclass
 class TrainingConfig:
     micro_batch_size: int = _f(4, ge=1)
     gradient_accumulation_steps: int = _f(1, ge=1)
@@ -210,6 +235,9 @@ class TrainingConfig:
     checkpoint_every: int = _f(0, ge=0, doc="checkpoint every N optimizer steps (0: end only)")
     keep_checkpoints: int = _f(1, ge=1)
     resume: bool = _f(True, doc="continue from the newest checkpoint in the output dir")
+    lora: LoRAConfig | None = _f(None, doc="train peft LoRA adapters instead of every weight")
+    freeze: FreezeConfig = _f(factory=FreezeConfig, doc="parameters kept at their initial "
+                              "values")
 
 
 @dataclass
