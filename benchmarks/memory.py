@@ -33,6 +33,13 @@ Target: measured / estimated within 0.85-1.15.
 
     .venv/bin/python benchmarks/memory.py            # 3 sizes x {plain, ewc} x {ckpt off, on}
     .venv/bin/python benchmarks/memory.py --quick    # 2 sizes, 2 steps
+    .venv/bin/python benchmarks/memory.py --sizes '' --no-vocab-rows --smol   # 135M rows only
+
+Besides the byte-vocabulary sizes it runs, by default, a 49152-token vocabulary (SmolLM2's) on a
+small body (``v49k``), unpadded and padded (lengths s/4..s right-padded to s, attention mask 0
+and label -100 on pads: 37.5 % padding at b=4), with and without checkpointing: there the
+logits/loss term is the largest part of the peak. ``--smol`` adds SmolLM2-135M's shape (random
+init, padded batch).
 """
 
 from __future__ import annotations
@@ -51,24 +58,32 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# name -> (hidden, layers, heads, intermediate); vocab 259 (byte tokenizer), untied
-SIZES: dict[str, tuple[int, int, int, int]] = {
-    "5M": (256, 6, 4, 688),
-    "20M": (512, 6, 8, 1376),
-    "60M": (768, 8, 12, 2048),
+# name -> (hidden, layers, heads, intermediate, kv heads, vocab, tied embeddings).
+# 5M/20M/60M: the byte tokenizer's 259-token vocabulary (the layers dominate). v49k: SmolLM2's
+# 49152-token vocabulary on a small body, so that the logits/loss term (s*b*V*16 bytes in fp32:
+# 805 MB at s=256, b=4) is the largest part of the peak. smol135m: SmolLM2-135M's shape
+# (d 576, 30 layers, GQA 9/3, MLP 1536, V 49152, tied), random init.
+SIZES: dict[str, tuple[int, int, int, int, int, int, bool]] = {
+    "5M": (256, 6, 4, 688, 4, 259, False),
+    "20M": (512, 6, 8, 1376, 8, 259, False),
+    "60M": (768, 8, 12, 2048, 12, 259, False),
+    "v49k": (256, 4, 4, 688, 4, 49152, False),
+    "smol135m": (576, 30, 9, 1536, 3, 49152, True),
 }
+# the real-vocabulary rows: (size, padded) x ckpt, no EWC
+VOCAB_ROWS: tuple[str, ...] = ("v49k",)
 
 
 def config(size: str, ewc: bool, ckpt: bool, s: int, b: int, out: Path) -> Any:
     from forgetkit.config import config_from_dict
 
-    d, L, h, i = SIZES[size]
+    d, L, h, i, kv, V, tied = SIZES[size]
     raw: dict[str, Any] = {
         "name": "mem", "seed": 0,
         "model": {"random_init": {"model_type": "llama", "hidden_size": d, "intermediate_size": i,
                                   "num_hidden_layers": L, "num_attention_heads": h,
-                                  "num_key_value_heads": h, "max_position_embeddings": s,
-                                  "tie_word_embeddings": False},
+                                  "num_key_value_heads": kv, "max_position_embeddings": s,
+                                  "vocab_size": V, "tie_word_embeddings": tied},
                   "tokenizer": "byte", "dtype": "float32", "attn_implementation": "sdpa",
                   "gradient_checkpointing": ckpt},
         "data": {"train": {"path": "unused.jsonl"}, "max_length": s},
@@ -79,6 +94,28 @@ def config(size: str, ewc: bool, ckpt: bool, s: int, b: int, out: Path) -> Any:
                          if ewc else []),
     }
     return config_from_dict(raw, "benchmarks/memory.py")
+
+
+def make_batch(b: int, s: int, vocab: int, padded: bool) -> dict[str, Any]:
+    """``b`` sequences padded to ``s`` tokens: all of length ``s`` (``padded=False``) or of
+    lengths spread evenly from s/4 to s (right padding with id 0, attention mask 0 and label
+    -100 on the pads: the shape of a dynamically padded batch); loss on every real position but
+    the first quarter of each sequence."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (b, s), generator=g)
+    labels = torch.roll(ids, -1, dims=1)
+    am = torch.ones_like(ids)
+    lengths = [s] * b
+    if padded:
+        lengths = [s if b == 1 else int(s // 4 + (s - s // 4) * j / (b - 1)) for j in range(b)]
+    for j, n in enumerate(lengths):
+        labels[j, : n // 4] = -100
+        labels[j, n - 1:] = -100
+        ids[j, n:] = 0
+        am[j, n:] = 0
+    return {"input_ids": ids, "attention_mask": am, "labels": labels}
 
 
 class Sampler(threading.Thread):
@@ -129,8 +166,9 @@ def run_steps(a: argparse.Namespace, cfg: Any, tok: Any, backend: Any,
                                   attention_mask=batch["attention_mask"])
         ce = token_losses(out, batch["labels"])
         loss = ce.sum() * (1.0 / n_targets)
-        del out
+        # ``out`` (the logits) stays referenced through the backward pass, as in the loop
         backend.backward(loss)
+        del out
         for r in regs:
             r.grad_term(ctx)
         backend.clip_grad_norm(t.max_grad_norm)
@@ -159,20 +197,17 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     tok = build_byte_tokenizer()
     backend = make_backend(cfg.distributed, cfg.training)
     dev = backend.device
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 256, (a.batch, a.seq), generator=g)
-    labels = torch.roll(ids, -1, dims=1)
-    labels[:, : a.seq // 4] = -100
-    labels[:, -1] = -100
-    batch = {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids).to(dev),
-             "labels": labels.to(dev)}
-    n_targets = int((labels != -100).sum())
+    batch = {k: v.to(dev) for k, v in
+             make_batch(a.batch, a.seq, SIZES[a.size][5], a.padded).items()}
+    n_targets = int((batch["labels"] != -100).sum())
     # Warm-up: the same code path once on a tiny model, so that lazily imported modules, code
     # pages of the shared libraries, thread pools and autograd's engine are in the baseline.
     tiny = config(a.size, a.ewc, a.ckpt, a.seq, 1, Path(a.workdir) / "run")
     tiny.model.random_init.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=2)
-    run_steps(a, tiny, tok, backend, {k: v[:1] for k, v in batch.items()}, n_targets, 1)
+                                  num_attention_heads=2, num_key_value_heads=2, vocab_size=259)
+    tiny_batch = {k: v[:1].clamp(max=258) if k != "attention_mask" else v[:1]
+                  for k, v in batch.items()}
+    run_steps(a, tiny, tok, backend, tiny_batch, n_targets, 1)
     backend.model = backend.optimizer = None
     gc.collect()
     proc = psutil.Process()
@@ -197,6 +232,8 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
                                                   "optimizer_bytes", "regularizer_bytes",
                                                   "activations_bytes", "total_bytes")},
         "k": est.details["k"], "device": "cuda" if cuda else "cpu",
+        "logits_bytes": est.details["logits_bytes"],
+        "pad_fraction": float((batch["attention_mask"] == 0).float().mean()),
     }
     peak = sampler.peak if res["masked"] else max(peak_max, sampler.peak)
     res["measured"] = peak - base_rss
@@ -223,52 +260,66 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="5M", help=argparse.SUPPRESS)
     p.add_argument("--ewc", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--padded", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-vocab-rows", action="store_true",
+                   help="skip the real-vocabulary (49152) rows, unpadded and padded")
+    p.add_argument("--smol", action="store_true",
+                   help="add SmolLM2-135M-shaped rows (random init; ~3 GB, minutes on CPU)")
     p.add_argument("--workdir", default="/tmp", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         print("RESULT " + json.dumps(worker(a)))
         return 0
-    sizes = (a.sizes.split(",") if a.sizes else (["5M", "20M"] if a.quick else list(SIZES)))
+    sizes = ([x for x in a.sizes.split(",") if x] if a.sizes is not None else
+             (["5M", "20M"] if a.quick else ["5M", "20M", "60M"]))  # --sizes '': none
+    # (size, ewc, ckpt, padded)
+    plan = [(sz, ewc, ckpt, False) for sz in sizes for ewc in (False, True)
+            for ckpt in (False, True)]
+    if not a.no_vocab_rows:
+        plan += [(sz, False, ckpt, padded) for sz in VOCAB_ROWS for padded in (False, True)
+                 for ckpt in (False, True)]
+    if a.smol:
+        plan += [("smol135m", False, ckpt, True) for ckpt in (False, True)]
     rows = []
     print(f"fp32 AdamW, s={a.seq} b={a.batch}, {a.steps} optimizer steps, {a.threads} threads; "
           f"measured = peak RSS - baseline RSS (fresh process per row, malloc={a.malloc})")
-    hdr = (f"{'size':>5} {'params':>7} {'ewc':>4} {'ckpt':>5} {'k':>5} {'est W+G+O+R':>11} "
-           f"{'est act':>8} {'est peak':>9} {'measured':>9} {'ratio':>6}")
+    hdr = (f"{'size':>8} {'params':>7} {'V':>6} {'pad%':>5} {'ewc':>4} {'ckpt':>5} {'k':>5} "
+           f"{'est W+G+O+R':>11} {'est act':>8} {'(logits)':>8} {'est peak':>9} "
+           f"{'measured':>9} {'ratio':>6}")
     print(hdr)
     print("-" * len(hdr))
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="forgetkit-mem-") as work:
-        for size in sizes:
-            for ewc in (False, True):
-                for ckpt in (False, True):
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
-                           "--size", size, "--seq", str(a.seq), "--batch", str(a.batch),
-                           "--steps", str(a.steps), "--threads", str(a.threads),
-                           "--workdir", work] + (["--ewc"] if ewc else []) + (
-                               ["--ckpt"] if ckpt else [])
-                    env = dict(os.environ)
-                    if a.malloc == "mmap":
-                        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-                    proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True,
-                                          env=env)
-                    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                    if proc.returncode != 0 or not line:
-                        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-                        raise SystemExit(f"worker {size} ewc={ewc} ckpt={ckpt} failed")
-                    r = json.loads(line[0][7:])
-                    e = r["estimate"]
-                    state = (e["weights_bytes"] + e["gradients_bytes"] + e["optimizer_bytes"]
-                             + e["regularizer_bytes"])
-                    ratio = r["measured"] / e["total_bytes"]
-                    r.update(size=size, ewc=ewc, ckpt=ckpt, ratio=ratio)
-                    rows.append(r)
-                    mb = 1e6
-                    print(f"{size:>5} {r['params'] / 1e6:6.1f}M {'yes' if ewc else 'no':>4} "
-                          f"{'yes' if ckpt else 'no':>5} {r['k']:5.1f} {state / mb:9.0f}MB "
-                          f"{e['activations_bytes'] / mb:6.0f}MB {e['total_bytes'] / mb:7.0f}MB "
-                          f"{r['measured'] / mb:7.0f}MB {ratio:6.2f}"
-                          + ("  (baseline masked: sampled)" if r["masked"] else ""), flush=True)
+        for size, ewc, ckpt, padded in plan:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
+                   "--size", size, "--seq", str(a.seq), "--batch", str(a.batch),
+                   "--steps", str(a.steps), "--threads", str(a.threads),
+                   "--workdir", work] + (["--ewc"] if ewc else []) + (
+                       ["--ckpt"] if ckpt else []) + (["--padded"] if padded else [])
+            env = dict(os.environ)
+            if a.malloc == "mmap":
+                env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+            proc = subprocess.run(cmd, cwd=str(ROOT), capture_output=True, text=True, env=env)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
+                raise SystemExit(f"worker {size} ewc={ewc} ckpt={ckpt} padded={padded} failed")
+            r = json.loads(line[0][7:])
+            e = r["estimate"]
+            state = (e["weights_bytes"] + e["gradients_bytes"] + e["optimizer_bytes"]
+                     + e["regularizer_bytes"])
+            ratio = r["measured"] / e["total_bytes"]
+            r.update(size=size, ewc=ewc, ckpt=ckpt, padded=padded, ratio=ratio,
+                     vocab=SIZES[size][5])
+            rows.append(r)
+            mb = 1e6
+            print(f"{size:>8} {r['params'] / 1e6:6.1f}M {SIZES[size][5]:>6} "
+                  f"{100 * r['pad_fraction']:5.1f} {'yes' if ewc else 'no':>4} "
+                  f"{'yes' if ckpt else 'no':>5} {r['k']:5.1f} {state / mb:9.0f}MB "
+                  f"{e['activations_bytes'] / mb:6.0f}MB {r['logits_bytes'] / mb:6.0f}MB "
+                  f"{e['total_bytes'] / mb:7.0f}MB {r['measured'] / mb:7.0f}MB {ratio:6.2f}"
+                  + ("  (baseline masked: sampled)" if r["masked"] else ""), flush=True)
     ok = all(0.85 <= r["ratio"] <= 1.15 for r in rows)
     print(f"target 0.85 <= measured/estimated <= 1.15: {'met' if ok else 'NOT met'} "
           f"(range {min(r['ratio'] for r in rows):.2f}-{max(r['ratio'] for r in rows):.2f})")

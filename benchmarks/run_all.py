@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in r["step_ratio_direct"].items():
                     lines.append(f"step time {k} / plain: {v:.4f} direct, "
                                  f"{r['step_ratio_min'][k]:.3f} measured (target <= 1.05)")
+                if "kl" in r["step_ratio_min"]:
+                    lines.append(f"step time kl / plain: {r['step_ratio_min']['kl']:.2f} (min), "
+                                 f"{r['step_ratio_median']['kl']:.2f} (median)")
                 for k, v in r["fisher_ratio"].items():
                     lines.append(f"Fisher {k} per example / train step per example: {v:.2f} "
                                  "(target <= 1.5)")
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(r, list):
                 for x in r:
                     lines.append(f"memory {x['size']} ewc={x['ewc']!s:<5} ckpt={x['ckpt']!s:<5} "
+                                 f"pad={x.get('padded', False)!s:<5} "
                                  f"measured/estimated {x['ratio']:.2f} (target 0.85-1.15)")
     print("\n=== summary")
     for ln in lines:

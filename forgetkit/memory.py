@@ -79,14 +79,21 @@ per decoder layer) only each layer's input is kept: ``s b d L * residual bytes``
 autocast, 2 in pure bf16: the "~2 bytes per s b d L" rule of thumb is the 16-bit case), plus one
 layer's full activations while it is recomputed in backward.
 
-Outside the layers: the logits and the loss, ``s b V`` elements: logits (compute dtype), their
-fp32 copy (only when the logits are 16-bit), log-softmax saved by the cross-entropy (fp32), and at
-the start of the backward the gradients of both (fp32): ``s b V (c + 12 [+ 4])`` bytes.
+Outside the layers: the logits and the loss, ``s b V`` elements, at their peak at the start of
+the backward pass: the logits (compute dtype ``c``; the training loop keeps the model output
+referenced through the backward), the log-softmax the cross-entropy saves (fp32), the gradient
+of the loss with respect to it and the one with respect to its input (both fp32, alive together
+inside the log-softmax backward): ``s b V (c + 12)`` bytes. (The fp32 copy of 16-bit logits
+that ``logits.float()`` makes is the log-softmax's input, which it does not save: it is freed
+in the forward pass and is not part of this peak; it was counted, as ``+ 4``, until measured
+with the real 49152-token vocabulary, benchmarks/README.md.) These are dense over all ``s``
+positions of the padded batch, pads included. SDPA with a padding mask (``attention_mask``
+with zeros) was measured with the same ``k``: no ``s^2`` term appears on CPU.
 
 Peak (``total_bytes``): with a single micro-batch per optimizer step and no data-parallel gradient
 buckets, gradients are created while activations are freed (forgetkit zeroes gradients with
 ``set_to_none``), so the peak is ``weights + optimizer + regularizers + max(activations +
-embedding/LM-head gradients, gradients + one layer's activations (the last one backpropagated,
+the LM head's gradient, gradients + one layer's activations (the last one backpropagated,
 recomputed under checkpointing), gradients + regularizer temporaries)``; the last term is the
 fp32 ``theta - theta0`` (l2) and ``F * (theta - theta0)`` (ewc) of one foreach chunk (at most
 2**26 elements, ``forgetkit.regularizers.functional.CHUNK_NUMEL``) after the backward pass. With gradient accumulation (or W > 1 without ZeRO-2/3,
@@ -117,7 +124,11 @@ __all__ = [
     "estimate_for_config",
     "shape_from_hf_config",
     "shape_from_model",
+    "typical_shape",
     "measured_peak_bytes",
+    "current_rss_bytes",
+    "loaded_weights_bytes",
+    "memory_line",
     "main",
 ]
 
@@ -298,7 +309,8 @@ def estimate(shape: ModelShape, *, seq_len: int, micro_batch: int = 1,
     weights = w_b * N
     grads = g_b * Nt
     opt = o_b * Nt
-    details.update(bytes_per_param={"weights": w_b, "gradients": g_b, "optimizer": o_b})
+    details.update(params=N,
+                   bytes_per_param={"weights": w_b, "gradients": g_b, "optimizer": o_b})
 
     # -- regularizers (on the parameters' shards)
     reg_shard = 0.0
@@ -323,6 +335,7 @@ def estimate(shape: ModelShape, *, seq_len: int, micro_batch: int = 1,
         grads /= W
     gather = 0.0
     if sharding in ("zero3", "fsdp"):
+        details["weights_divisor"] = W
         weights /= W
         reg_shard /= W
         cast_cache /= W
@@ -353,7 +366,7 @@ def estimate(shape: ModelShape, *, seq_len: int, micro_batch: int = 1,
     else:
         layers_act = L * layer_act
     logit_b = 4 if precision == "fp32" else 2  # logits in the compute dtype
-    logits = s * b * V * (logit_b + 12 + (4 if logit_b == 2 else 0))
+    logits = s * b * V * (logit_b + 12)
     outside = s * b * d * (3 * resid)  # embeddings out, final norm in/out
     acts = layers_act + logits + outside + kl_act
     details.update(k=kk, activations_layers_bytes=int(layers_act), logits_bytes=int(logits),
@@ -362,7 +375,9 @@ def estimate(shape: ModelShape, *, seq_len: int, micro_batch: int = 1,
 
     # -- peak
     accumulate = grad_accumulation > 1 or (W > 1 and sharding in ("none", "zero1"))
-    first_grads = g_b * shape.embed_params / (W if sharding in ("zero2", "zero3", "fsdp") else 1)
+    # the LM head's gradient is the first one backward creates (the input embedding's, when
+    # untied, comes last, when the activations are gone): one V x d matrix, tied or not
+    first_grads = g_b * V * d / (W if sharding in ("zero2", "zero3", "fsdp") else 1)
     # gradient-space regularizers: fp32 temporaries of one foreach chunk (functional.py)
     chunk = min(Nt, 1 << 26) / (W if sharding in ("zero3", "fsdp") else 1)
     reg_tmp = 4 * chunk * (2 if "ewc" in regularizers else 1 if "l2" in regularizers else 0)
@@ -373,8 +388,8 @@ def estimate(shape: ModelShape, *, seq_len: int, micro_batch: int = 1,
     else:
         total = weights + opt + regs + max(acts + min(first_grads, grads),
                                            grads + layer_act, grads + reg_tmp)
-        notes.append("peak = weights + optimizer + regularizers + max(activations + embedding "
-                     "gradients, gradients + one layer's activations, gradients + regularizer "
+        notes.append("peak = weights + optimizer + regularizers + max(activations + the LM "
+                     "head's gradient, gradients + one layer's activations, gradients + regularizer "
                      "temporaries): gradients replace activations during backward")
     return MemoryEstimate(int(weights), int(grads), int(opt), int(regs), int(acts), int(total),
                           int(cpu), notes, details)
@@ -404,6 +419,23 @@ def shape_from_hf_config(hf: Any, params: int | None = None) -> ModelShape:
         params = L * layer + shape.embed_params + d
     shape.params = int(params)
     return shape
+
+
+def typical_shape(params: int, vocab: int = 32000) -> ModelShape:
+    """A Llama-like shape of about ``params`` parameters, for the activation estimate when only
+    a parameter count is known (``python -m forgetkit.memory --params N``).
+
+    Assumes the Llama-7B proportions: ``layers = hidden / 128``, SwiGLU with ``i = 8/3 d``
+    (``12 d^2`` per layer), MHA, untied ``vocab x hidden`` embeddings, so ``params ~= 12 L d^2 +
+    2 V d``; ``hidden`` is the multiple of 128 whose count is nearest. 7B -> d 4096, 32 layers
+    (LLaMA-7B's); the parameter count itself is kept as given. A stated assumption, not the
+    user's model: pass ``--hidden/--layers`` or a model for that.
+    """
+    def count(d: int) -> int:
+        return 12 * max(1, d // 128) * d * d + 2 * vocab * d
+
+    best = min(range(128, 32768 + 1, 128), key=lambda d: abs(count(d) - params))
+    return ModelShape(int(params), best, max(1, best // 128), vocab)
 
 
 def shape_from_model(model: Any) -> ModelShape:
@@ -493,17 +525,42 @@ def estimate_for_config(cfg: Config, world_size: int = 1, *, model: Any = None,
 
 # ----------------------------------------------------------------------------- measurement
 
-def measured_peak_bytes() -> dict[str, Any]:
+def current_rss_bytes() -> int:
+    """This process's resident memory now (bytes; ``/proc/self/statm`` on Linux, else peak
+    RSS): read it once right after the model is loaded to get the post-load baseline that
+    :func:`measured_peak_bytes` subtracts."""
+    try:
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):  # not Linux
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(ru if sys.platform == "darwin" else ru * 1024)
+
+
+def measured_peak_bytes(baseline_rss: int | None = None) -> dict[str, Any]:
     """This process's peak memory so far, for train_result.json / summary.json.
 
     Returns ``{"device": "cuda", "peak_bytes": torch.cuda.max_memory_allocated(),
     "peak_reserved_bytes": ..., "host_peak_rss_bytes": ...}`` on a GPU, else ``{"device": "cpu",
     "peak_bytes": <peak RSS>, "host_peak_rss_bytes": <same>}``. Peak RSS (``ru_maxrss``) covers
     the whole process (interpreter, libraries, data), not only tensors.
+
+    With ``baseline_rss`` (:func:`current_rss_bytes` read after the model loaded) it adds
+    ``baseline_rss_bytes`` and ``host_growth_bytes = max(0, peak RSS - baseline)``: the memory
+    that training added on top of the loaded model, to be compared with the estimate's
+    ``total_bytes - loaded_weights_bytes`` (:func:`memory_line`). ``growth_masked`` is true
+    when the peak RSS was reached before the baseline (e.g. while loading), so the growth is
+    not observable.
     """
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss = int(ru if sys.platform == "darwin" else ru * 1024)  # bytes on macOS, KiB on Linux
     out: dict[str, Any] = {"device": "cpu", "peak_bytes": rss, "host_peak_rss_bytes": rss}
+    if baseline_rss is not None:
+        out.update(baseline_rss_bytes=int(baseline_rss),
+                   host_growth_bytes=max(0, rss - int(baseline_rss)),
+                   growth_masked=rss <= int(baseline_rss))
     try:
         import torch
 
@@ -513,6 +570,53 @@ def measured_peak_bytes() -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         pass
     return out
+
+
+def loaded_weights_bytes(est: MemoryEstimate) -> int:
+    """The part of ``weights_bytes`` that exists as soon as the model is loaded (the parameters
+    themselves, without autocast's cached 16-bit copies or ZeRO-3/FSDP's gathered layers)."""
+    bpp = est.details.get("bytes_per_param", {}).get("weights")
+    n = est.details.get("params")
+    if bpp is None or n is None:
+        return est.weights_bytes
+    return min(est.weights_bytes, int(bpp * n / est.details.get("weights_divisor", 1)))
+
+
+def memory_line(est: MemoryEstimate, measured: dict[str, Any]) -> str:
+    """The run's one-line memory report, saying what each number covers.
+
+    GPU: the estimate of the training peak next to ``torch.cuda.max_memory_allocated`` -- both
+    count tensors only (weights included), so they are directly comparable. CPU: the estimate
+    beyond the loaded weights next to the RSS growth over the post-load baseline (when
+    ``measured`` has one), and the whole-process peak RSS, labelled as such (interpreter,
+    libraries, data and allocator caches: not comparable with the estimate). Below 0.25 GiB
+    of estimated training state, process overheads (lazy initialisation in the first
+    backward, allocator caches, thread pools) are of the same size, which the line says.
+    """
+    g = 2 ** 30
+    parts = (f"weights {est.weights_bytes / g:.2f}, grads {est.gradients_bytes / g:.2f}, "
+             f"optimizer {est.optimizer_bytes / g:.2f}, regularizers "
+             f"{est.regularizer_bytes / g:.2f}, activations {est.activations_bytes / g:.2f}")
+    head = f"memory: estimated training peak {est.total_bytes / g:.2f} GiB per device ({parts})"
+    if measured.get("device") == "cuda":
+        return (f"{head}; measured torch.cuda.max_memory_allocated {measured['peak_bytes'] / g:.2f}"
+                f" GiB (tensors only, comparable; ratio "
+                f"{measured['peak_bytes'] / max(1, est.total_bytes):.2f})")
+    beyond = est.total_bytes - loaded_weights_bytes(est)
+    line = head + f"; {beyond / g:.2f} GiB of it beyond the loaded weights"
+    if "host_growth_bytes" in measured and not measured.get("growth_masked"):
+        grow = measured["host_growth_bytes"]
+        line += (f"; measured RSS growth over the post-load baseline {grow / g:.2f} GiB "
+                 f"(comparable with the {beyond / g:.2f}; glibc's heap keeps freed memory, "
+                 "so it may read up to ~40 % higher)")
+    elif "host_growth_bytes" in measured:
+        line += "; RSS growth not observable (the process peak came before the baseline)"
+    line += (f"; whole-process peak RSS {measured['peak_bytes'] / g:.2f} GiB (interpreter, "
+             "libraries, data, allocator caches: not an estimate check)")
+    if beyond < 0.25 * g:
+        line += ("; a model this small is below the process's own overheads, so the numbers "
+                 "are not a check of the estimator (see benchmarks/memory.py)")
+    return line
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -566,6 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
+    assumed = False  # the shape is typical_shape's assumption (only --params given)
     if a.model:
         from transformers import AutoConfig
 
@@ -573,8 +678,12 @@ def main(argv: list[str] | None = None) -> int:
     elif a.params and a.hidden and a.layers:
         shape = ModelShape(a.params, a.hidden, a.layers, a.vocab, a.intermediate, a.heads,
                            a.kv_heads)
+    elif a.params and not (a.hidden or a.layers):
+        shape = typical_shape(a.params, a.vocab)
+        assumed = True
     else:
-        p.error("give a model (hub id / dir) or --params, --hidden and --layers")
+        p.error("give a model (hub id / dir), --params alone, or --params, --hidden and "
+                "--layers")
     sharding = "fsdp" if a.fsdp else ("none" if a.zero == 0 else f"zero{a.zero}")
     try:
         est = estimate(shape, seq_len=a.seq_len, micro_batch=a.micro_batch,
@@ -589,10 +698,21 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         d = est.to_dict()
         d["model"] = asdict(shape)
+        d["shape_assumed"] = assumed
         print(json.dumps(d, indent=1))
         return 0
     print(f"model: {shape.params / 1e9:.3f}B params, d={shape.hidden}, L={shape.layers}, "
-          f"V={shape.vocab}, i={shape.inter}, heads={shape.n_heads}/{shape.n_kv_heads}")
+          f"V={shape.vocab}, i={shape.inter}, heads={shape.n_heads}/{shape.n_kv_heads}"
+          + ("  <- a typical Llama-like shape for this count (layers = d/128), assumed for "
+             "the activations only; give --hidden/--layers/--vocab or a model for yours"
+             if assumed else ""))
+    if assumed:
+        bpp = est.details["bytes_per_param"]
+        per = bpp["weights"] + bpp["gradients"] + bpp["optimizer"]
+        print(f"weights + gradients + optimizer = {per:g} bytes/param x {shape.params:,} = "
+              f"{per * shape.params / 1e9:.2f} GB ({a.precision}, {a.optimizer}"
+              + (": 2 + 2 + 4 fp32 master + 8 moments" if a.precision.endswith("-mixed")
+                 and a.optimizer == "adamw" and not a.autocast else "") + ")")
     print(f"run: s={a.seq_len} b={a.micro_batch} accum={a.grad_accum} {a.precision}"
           f"{' (autocast)' if a.autocast else ''} {a.optimizer} {sharding} W={a.world_size} "
           f"ckpt={a.gradient_checkpointing} regs={','.join(a.reg) or '-'}")
@@ -602,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'peak total':<24}{_fmt(est.total_bytes)}")
     if est.cpu_bytes:
         print(f"  {'offloaded to CPU':<24}{_fmt(est.cpu_bytes)}")
-    print(f"activation k = {est.details['k']:.1f} bytes per token*hidden*layer "
+    print(("activations from the assumed shape: " if assumed else "")
+          + f"activation k = {est.details['k']:.1f} bytes per token*hidden*layer "
           f"(layers {est.details['activations_layers_bytes'] / 1e9:.2f} GB, logits/loss "
           f"{est.details['logits_bytes'] / 1e9:.2f} GB)")
     for n in est.notes:

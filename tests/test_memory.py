@@ -176,3 +176,72 @@ def test_cli_json(capsys):
 def test_measured_peak_bytes():
     m = measured_peak_bytes()
     assert m["device"] in ("cpu", "cuda") and m["peak_bytes"] > 10_000_000
+
+
+def test_cli_params_alone_is_the_16n_arithmetic(capsys):
+    assert main(["--params", "7B", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    n = 7_000_000_000
+    # bf16-mixed AdamW: 2 (weights) + 2 (grads) + 4 (fp32 master) + 8 (moments) = 16 N
+    assert d["weights_bytes"] + d["gradients_bytes"] + d["optimizer_bytes"] == 16 * n
+    assert d["shape_assumed"] is True
+    assert (d["model"]["hidden"], d["model"]["layers"]) == (4096, 32)  # LLaMA-7B's proportions
+    assert d["activations_bytes"] > 0
+    assert main(["--params", "7B"]) == 0
+    out = capsys.readouterr().out
+    assert "typical Llama-like shape" in out and "16 bytes/param" in out and "112.00 GB" in out
+    assert "activations from the assumed shape" in out
+    with pytest.raises(SystemExit):  # --hidden without --layers is neither form
+        main(["--params", "7B", "--hidden", "4096"])
+
+
+def test_typical_shape_count_is_close():
+    from forgetkit.memory import typical_shape
+
+    for n in (135e6, 1.2e9, 7e9, 70e9):
+        sh = typical_shape(int(n))
+        approx = 12 * sh.layers * sh.hidden ** 2 + 2 * sh.vocab * sh.hidden
+        assert sh.params == int(n) and sh.hidden % 128 == 0 and sh.layers == sh.hidden // 128
+        assert abs(approx - n) / n < 0.35
+
+
+@pytest.mark.parametrize("precision,c", [("fp32", 4), ("bf16-mixed", 2), ("bf16", 2)])
+def test_logits_term_real_vocabulary(precision, c):
+    # SmolLM2's 49152 vocabulary: logits (compute dtype, kept through backward by the loop) +
+    # fp32 log-softmax + its two fp32 gradients in the log-softmax backward (measured on CPU in
+    # benchmarks/memory.py, v49k rows); the transient fp32 copy of 16-bit logits is not counted
+    shape = ModelShape(134_515_008, 576, 30, 49152, 1536, 9, 3, tied_embeddings=True)
+    e = estimate(shape, seq_len=512, micro_batch=4, precision=precision)
+    assert e.details["logits_bytes"] == 512 * 4 * 49152 * (c + 12)
+
+
+def test_memory_line_says_what_it_compares():
+    from forgetkit.memory import current_rss_bytes, loaded_weights_bytes, memory_line
+
+    shape = ModelShape(134_515_008, 576, 30, 49152, 1536, 9, 3, tied_embeddings=True)
+    e = estimate(shape, seq_len=512, micro_batch=4, precision="bf16-mixed", autocast=True)
+    n = shape.params
+    assert loaded_weights_bytes(e) == 4 * n  # fp32 parameters; the bf16 cast cache comes later
+    g = 2 ** 30
+    beyond = e.total_bytes - 4 * n
+    base = current_rss_bytes()
+    assert base > 10_000_000
+    m = measured_peak_bytes(baseline_rss=base)
+    assert m["baseline_rss_bytes"] == base and m["host_growth_bytes"] >= 0
+    cpu = {"device": "cpu", "peak_bytes": 9 * g, "host_peak_rss_bytes": 9 * g,
+           "baseline_rss_bytes": 2 * g, "host_growth_bytes": 3 * g, "growth_masked": False}
+    line = memory_line(e, cpu)
+    assert f"estimated training peak {e.total_bytes / g:.2f} GiB" in line
+    assert f"{beyond / g:.2f} GiB of it beyond the loaded weights" in line
+    assert "RSS growth over the post-load baseline 3.00 GiB" in line
+    assert "whole-process peak RSS 9.00 GiB" in line and "not an estimate check" in line
+    assert "below the process's own overheads" not in line
+    no_base = memory_line(e, {"device": "cpu", "peak_bytes": 9 * g})
+    assert "growth" not in no_base and "whole-process peak RSS" in no_base
+    gpu = memory_line(e, {"device": "cuda", "peak_bytes": e.total_bytes})
+    assert "max_memory_allocated" in gpu and "ratio 1.00" in gpu
+    tiny = estimate(ModelShape(500_000, 64, 2, 259), seq_len=64, precision="fp32")
+    assert "below the process's own overheads" in memory_line(tiny, cpu)
+    # sharded: the loaded weights are this rank's shard
+    z3 = estimate(shape, seq_len=512, sharding="zero3", world_size=4)
+    assert loaded_weights_bytes(z3) == 2 * n // 4

@@ -51,6 +51,23 @@ Per-example gradients use ``torch.func`` (``functional_call`` + ``vmap(grad)``) 
 to a memory budget (``vmap_budget_bytes``), else a loop over single examples (each one trimmed to
 its own length, no padding). The squares are accumulated in fp32.
 
+The budget bounds the per-example gradients that one vmap call materialises: ``chunk`` examples
+times the selected parameters' bytes. When a whole per-example gradient is larger than the budget
+(about 67 M fp32 parameters at the default 256 MiB) the selected parameters are split, in
+order, into groups whose per-example gradients fit (a single tensor larger than the budget is a
+group of its own), and every group is a separate ``vmap(grad)`` over the examples with its own
+chunk size (>= 1). Each group costs a full forward and a backward down to its first parameter,
+so G groups cost about G times the loop's compute: ``per_example="auto"`` therefore takes
+vmap only when the whole per-example gradient of at least two examples fits the budget (one
+group) and otherwise the loop, which measured faster than two or more groups on a 43.9 M model
+(benchmarks/README.md, "Fisher: vmap vs loop"). ``per_example="vmap"`` always vmaps (grouping as
+needed). Every mode computes the same per-example gradients (same padding-free losses; the vmap
+path relies on right padding, under which pad positions cannot influence a causal LM's real
+positions), so the results agree to fp32 rounding.
+
+A progress bar (``tqdm``: examples done / examples of this rank) is shown on rank 0 when
+``progress`` is true and stderr is a terminal.
+
 Distributed (``world_size > 1``): the caller passes the *global* list of batches, identical on
 every rank. With full (unsharded) parameters -- single process, DDP before wrapping -- rank ``r``
 takes batches ``r, r+W, ...``, squares its own per-example gradients locally (the module must be
@@ -184,10 +201,53 @@ class _VmapUnavailable(RuntimeError):
     pass
 
 
+def param_groups_for_budget(sizes: Sequence[int], elem_bytes: int, budget_bytes: int
+                            ) -> list[list[int]]:
+    """Split parameters (given by element counts, in order) into groups whose per-example
+    gradients fit ``budget_bytes``: consecutive parameters are packed while the group's bytes
+    (``sum(numel) * elem_bytes``) stay within the budget; a parameter larger than the budget on
+    its own forms a one-parameter group. Returns the groups as lists of indices."""
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    cur_bytes = 0
+    for i, n in enumerate(sizes):
+        b = int(n) * elem_bytes
+        if cur and cur_bytes + b > budget_bytes:
+            groups.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(i)
+        cur_bytes += b
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def vmap_plan(sizes: Sequence[int], elem_bytes: int, budget_bytes: int
+              ) -> list[tuple[list[int], int]]:
+    """(parameter indices, examples per vmap call) for every group; see the module docstring.
+
+    One group of everything with ``chunk = budget // bytes`` when a whole per-example gradient
+    fits, else :func:`param_groups_for_budget` with each group's own chunk (always >= 1).
+    """
+    total = sum(int(n) for n in sizes) * elem_bytes
+    if total <= budget_bytes:
+        return [(list(range(len(sizes))), max(1, budget_bytes // max(1, total)))]
+    plan = []
+    for g in param_groups_for_budget(sizes, elem_bytes, budget_bytes):
+        gb = sum(int(sizes[i]) for i in g) * elem_bytes
+        plan.append((g, max(1, budget_bytes // max(1, gb))))
+    return plan
+
+
 def _vmap_sq_grads(model: torch.nn.Module, pdict: dict[str, torch.Tensor],
-                   ids: torch.Tensor, labels: torch.Tensor, chunk: int
-                   ) -> dict[str, torch.Tensor]:
-    """sum over the P rows of the squared per-row gradients (fp32), via vmap(grad)."""
+                   ids: torch.Tensor, labels: torch.Tensor,
+                   plan: Sequence[tuple[Sequence[str], int]]) -> dict[str, torch.Tensor]:
+    """sum over the P rows of the squared per-row gradients (fp32), via vmap(grad).
+
+    ``plan``: (parameter names, rows per vmap call) per parameter group; every group is one
+    ``vmap(grad)`` over the rows with respect to its own parameters only (the others are the
+    module's own, constant here).
+    """
     from torch.func import functional_call, grad, vmap
 
     def nll(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -201,15 +261,32 @@ def _vmap_sq_grads(model: torch.nn.Module, pdict: dict[str, torch.Tensor],
            for n, t in pdict.items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*performance drop.*")
-        for s in range(0, ids.shape[0], chunk):
-            # Outer no_grad: the parameters *not* in pdict still require grad, and without it
-            # autograd would record the whole vmapped computation for them (memory) and the
-            # Fisher would come back requiring grad. torch.func.grad ignores an outer no_grad.
-            with torch.no_grad():
-                g = g_fn(pdict, ids[s:s + chunk], labels[s:s + chunk])
-                for n, t in g.items():
-                    acc[n] += t.float().pow(2).sum(0)
+        for names, chunk in plan:
+            sub = {n: pdict[n] for n in names}
+            for s in range(0, ids.shape[0], chunk):
+                # Outer no_grad: the parameters *not* in ``sub`` still require grad, and without
+                # it autograd would record the whole vmapped computation for them (memory) and
+                # the Fisher would come back requiring grad. torch.func.grad ignores an outer
+                # no_grad.
+                with torch.no_grad():
+                    g = g_fn(sub, ids[s:s + chunk], labels[s:s + chunk])
+                    for n, t in g.items():
+                        acc[n] += t.float().pow(2).sum(0)
+                    del g
     return acc
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    """A tqdm bar over examples, or None when disabled / not a terminal / tqdm missing."""
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc="fisher", unit="ex", leave=False, dynamic_ncols=True)
 
 
 def estimate_fisher(model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
@@ -218,7 +295,7 @@ def estimate_fisher(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
                     seed: int = 0, per_example: Literal["auto", "vmap", "loop"] = "auto",
                     vmap_budget_bytes: int = 1 << 28, rank: int = 0, world_size: int = 1,
                     all_reduce: Callable[[torch.Tensor], Any] | None = None,
-                    ) -> dict[str, torch.Tensor]:
+                    progress: bool = True) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of ``model`` on ``batches`` (see the module docstring for the math).
 
     The model is put in eval mode (no dropout) for the estimate and restored afterwards; the
@@ -238,14 +315,19 @@ def estimate_fisher(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
             that requires grad. Names must be ``model.named_parameters()`` names. DTensor
             (FSDP-sharded) parameters switch to the lockstep mode described above.
         seed: seed of the ``sampled`` draws (per example, independent of the rank split).
-        per_example: ``"vmap"`` (torch.func), ``"loop"`` (one example at a time) or ``"auto"``
-            (vmap when at least two per-example gradients fit in ``vmap_budget_bytes``, falling
-            back to the loop if the model cannot be vmapped).
-        vmap_budget_bytes: memory allowed for the per-example gradients of one vmap chunk.
+        per_example: ``"vmap"`` (torch.func; parameter groups when one per-example gradient
+            exceeds the budget), ``"loop"`` (one example at a time) or ``"auto"`` (vmap when at
+            least two whole per-example gradients fit in ``vmap_budget_bytes``, else the loop,
+            which is faster than grouped vmap; falls back to the loop if the model cannot be
+            vmapped).
+        vmap_budget_bytes: memory allowed for the per-example gradients of one vmap call
+            (examples of the call times the bytes of its parameter group).
         rank: this process's rank.
         world_size: number of processes.
         all_reduce: in-place sum over ranks (e.g. ``backend.all_reduce_sum``); default
             ``torch.distributed.all_reduce`` when ``world_size > 1``.
+        progress: show a tqdm bar (examples done / this rank's examples) on rank 0 when stderr
+            is a terminal; ``False`` never shows one.
 
     Returns:
         name -> fp32 tensor shaped like the (local) parameter: the Fisher diagonal, averaged over
@@ -277,9 +359,11 @@ def estimate_fisher(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
 
     n_sel = sum(local_tensor(p).numel() for _, p in named)
     elem = local_tensor(named[0][1]).element_size()
-    chunk = int(vmap_budget_bytes // max(1, n_sel * elem))
-    use_vmap = (per_example == "vmap" or (per_example == "auto" and chunk >= 2)) and not sharded
-    chunk = max(1, chunk)
+    whole_fits_twice = 2 * n_sel * elem <= vmap_budget_bytes
+    use_vmap = (per_example == "vmap" or (per_example == "auto" and whole_fits_twice)
+                ) and not sharded
+    plan_idx = vmap_plan([local_tensor(p).numel() for _, p in named], elem, vmap_budget_bytes)
+    plan = [([named[i][0] for i in g], chunk) for g, chunk in plan_idx]
     if per_example == "vmap" and sharded:
         raise ValueError("per_example='vmap' is not available for sharded (DTensor) parameters")
 
@@ -301,10 +385,15 @@ def estimate_fisher(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
         for p in everything:
             p.grad = None
 
+    mine = [k for k in range(len(batches)) if sharded or k % world_size == rank]
+    bar = _progress_bar(sum(sizes[k] for k in mine), progress and rank == 0)
+    prev: int | None = None  # the batch finished before this one (for the progress bar)
     try:
-        for k, raw in enumerate(batches):
-            if not sharded and k % world_size != rank:
-                continue
+        for k in mine:
+            raw = batches[k]
+            if bar is not None and prev is not None:
+                bar.update(sizes[prev])
+            prev = k
             batch = {key: v.to(device) for key, v in raw.items() if torch.is_tensor(v)}
             ids, labels = batch["input_ids"], batch["labels"]
             am = batch.get("attention_mask")
@@ -322,7 +411,7 @@ def estimate_fisher(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
                 try:
                     pdict = {n: p.detach() for n, p in named}
                     rows = torch.cat([ids] * len(label_sets))
-                    sq = _vmap_sq_grads(model, pdict, rows, torch.cat(label_sets), chunk)
+                    sq = _vmap_sq_grads(model, pdict, rows, torch.cat(label_sets), plan)
                     for n in acc:
                         acc[n].add_(sq[n], alpha=weight)
                     continue
@@ -341,7 +430,11 @@ def estimate_fisher(model: torch.nn.Module, batches: Sequence[Mapping[str, torch
                     y = lab[i, keep]
                     _nll_sum(logits, y).backward(retain_graph=s < len(label_sets) - 1)
                     add_sq(weight)
+        if bar is not None and prev is not None:
+            bar.update(sizes[prev])
     finally:
+        if bar is not None:
+            bar.close()
         for p, g in zip(everything, saved_grads, strict=True):
             p.grad = g
         model.train(was_training)

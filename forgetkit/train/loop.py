@@ -65,10 +65,11 @@ from forgetkit.identity import (
     training_identity,
 )
 from forgetkit.locking import dir_lock
-from forgetkit.models import human_count, load_model, save_hf_checkpoint
+from forgetkit.models import human_count, load_model, save_hf_checkpoint, save_merged_lora
 from forgetkit.regularizers.base import RegContext, Regularizer, optimizer_lr_lookup
 from forgetkit.regularizers.build import build_regularizers
 from forgetkit.train.distributed import Backend, DeepSpeedBackend, make_backend
+from forgetkit.train.lora import apply_lora, check_lora_config
 from forgetkit.train.optim import build_optimizer, lr_at, param_groups, set_lr
 from forgetkit.train.tracking import Trackers, check_trackers
 
@@ -127,27 +128,23 @@ class TrainResult:
     collapse: dict[str, Any] | None = None  # reason, from_step, to_step (see CollapseWatch)
 
 
-def memory_report(cfg: Config, backend: Any) -> dict[str, Any]:
-    """The process's measured peak memory next to forgetkit's estimate (forgetkit.memory).
+def memory_report(cfg: Config, backend: Any, baseline_rss: int | None = None
+                  ) -> dict[str, Any]:
+    """The process's measured memory next to forgetkit's estimate (forgetkit.memory).
 
-    On a GPU the peak is ``torch.cuda.max_memory_allocated``; on CPU the peak RSS of the whole
-    process (interpreter and libraries included, so above the estimate, which counts only
-    training state). Never fails the run.
+    On a GPU ``torch.cuda.max_memory_allocated`` (tensors: comparable with the estimate); on
+    CPU the RSS growth over ``baseline_rss`` (read after the model loaded: comparable with the
+    estimate beyond the loaded weights) and the whole-process peak RSS (interpreter, libraries,
+    caches: not an estimate check). The logged line says which is which. Never fails the run.
     """
     try:
-        from forgetkit.memory import estimate_for_config, measured_peak_bytes
+        from forgetkit.memory import estimate_for_config, measured_peak_bytes, memory_line
 
         sharded = backend.world_size > 1 and backend.name in ("fsdp", "deepspeed")
         est = estimate_for_config(cfg, backend.world_size,
                                   model=None if sharded else backend.unwrap())
-        measured = measured_peak_bytes()
-        log.info("memory: estimated %.2f GiB per device (weights %.2f, grads %.2f, optimizer "
-                 "%.2f, regularizers %.2f, activations %.2f); measured peak %.2f GiB (%s)",
-                 est.total_bytes / 2**30, est.weights_bytes / 2**30, est.gradients_bytes / 2**30,
-                 est.optimizer_bytes / 2**30, est.regularizer_bytes / 2**30,
-                 est.activations_bytes / 2**30, measured["peak_bytes"] / 2**30,
-                 "cuda max_memory_allocated" if measured["device"] == "cuda"
-                 else "CPU peak RSS of the process")
+        measured = measured_peak_bytes(baseline_rss)
+        log.info("%s", memory_line(est, measured))
         return {"memory": measured, "memory_estimate": est.to_dict()}
     except Exception as e:  # an estimate must never fail a finished training run
         log.warning("memory report unavailable: %s", e)
@@ -871,10 +868,17 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
     out_dir = cfg.output_dir()
     ckpt_root = out_dir / "checkpoints"
     check_trackers(cfg.output.trackers)  # every rank, before anything is loaded
+    check_lora_config(cfg)  # LoRA combinations that cannot work (forgetkit.train.lora)
     seed_everything(cfg.seed)
 
     # -- model and data (identical on every rank: same seed, same files)
     model, tokenizer = load_model(cfg.model)
+    lora_info = None  # training.lora: peft adapters train, the base is frozen (train/lora.py)
+    if t.lora is not None:
+        model, lora_info = apply_lora(model, t.lora)
+    from forgetkit.memory import current_rss_bytes
+
+    post_load_rss = current_rss_bytes()  # the memory report's baseline (CPU)
     data = build_data(cfg, tokenizer)
     if regularizers is None:
         regularizers = build_regularizers(cfg, data, tokenizer.pad_token_id)
@@ -1090,7 +1094,21 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
                         t.keep_checkpoints, identity)
         status.checkpoint = plan.total_steps
     model_dir = None
-    if cfg.output.save_model:
+    # LoRA: the memory report reads the peft model, which saving merges in place: read it first
+    mem = memory_report(cfg, backend, post_load_rss) if lora_info and backend.is_main else None
+    if cfg.output.save_model and lora_info is not None:  # rank 0 merges; single/DDP only
+        model_dir = out_dir / "model"
+        if backend.is_main:
+            tmp, atmp = out_dir / "model.tmp", out_dir / "adapter.tmp"
+            with _writing(out_dir, tmp, atmp):
+                for d in (tmp, atmp):
+                    shutil.rmtree(d, ignore_errors=True)
+                save_merged_lora(backend.unwrap(), tokenizer, tmp, adapter_dir=atmp)
+                for d, final in ((atmp, out_dir / "adapter"), (tmp, model_dir)):
+                    shutil.rmtree(final, ignore_errors=True)
+                    os.replace(d, final)
+        backend.barrier()
+    elif cfg.output.save_model:
         sd = backend.full_state_dict()  # collective under FSDP / ZeRO-3
         model_dir = out_dir / "model"
         if backend.is_main:
@@ -1110,7 +1128,9 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
                     n_train_examples=len(data.train), n_validation_examples=len(data.validation),
                     n_replay_pool=len(data.replay), global_batch=plan.global_batch,
                     identity_digest=identity_digest(identity) if identity else None)
-        info.update(memory_report(cfg, backend))
+        info.update(mem if mem is not None else memory_report(cfg, backend, post_load_rss))
+        if lora_info is not None:
+            info["lora"] = lora_info
         _write_text(out_dir / "train_result.json", json.dumps(info, indent=1))
     log.info("trained %d steps, %s tokens (%s targets) in %.1fs; validation loss %s",
              plan.total_steps, human_count(counters["tokens"]),
