@@ -64,6 +64,7 @@ __all__ = [
     "REGULARIZER_CONFIGS",
     "TRACKERS",
     "MetricSpec",
+    "MergeSpec",
     "EvaluationConfig",
     "ArmSpec",
     "ExperimentOptions",
@@ -374,12 +375,52 @@ class MetricSpec:
 
 
 @dataclass
+class MergeSpec:
+    """One merge toward the base model, scored after training without retraining.
+
+    kinds (numerics in :mod:`forgetkit.regularizers.merge`):
+
+    * ``layerwise``: ``θ0 + α_l (θ* − θ0)`` with ``α_l`` linear over depth, ``alpha_bottom``
+      at decoder layer 0 (and the embeddings) to ``alpha_top`` at the last layer (and the
+      final norm and head); both required, each in [0, 1] (interpolation toward the base).
+    * ``task_vectors``: ``θ0 + Σ_k scales[k] (θ_k − θ0)`` (task arithmetic); ``checkpoints``
+      lists the fine-tuned models, ``run`` standing for this run's own (default ``[run]``; it
+      must be among them: the merge is scored per run), any other entry a local HF checkpoint
+      directory of the same architecture; one scale per checkpoint, each in [-2, 2].
+
+    Scores land in the run's ``eval_after.json`` (and ``summary.json``) under
+    ``after.merge.<name>``, with the same structure as ``after`` itself.
+    """
+
+    KINDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "layerwise": ("alpha_bottom", "alpha_top"),
+        "task_vectors": ("scales", "checkpoints"),
+    }
+    SCALE_RANGE: ClassVar[tuple[float, float]] = (-2.0, 2.0)
+    RUN: ClassVar[str] = "run"
+
+    name: str = _f(missing="a merge needs a name (its key in the results; a safe name)",
+                   doc="key in the results (after.merge.<name>) and scratch directory name")
+    kind: Literal["layerwise", "task_vectors"] = _f(
+        missing="a merge needs a kind: layerwise or task_vectors")
+    alpha_bottom: float | None = _f(None, ge=0.0, le=1.0,
+                                    doc="layerwise: coefficient of layer 0 and the embeddings")
+    alpha_top: float | None = _f(None, ge=0.0, le=1.0,
+                                 doc="layerwise: coefficient of the last layer, final norm, head")
+    scales: list[float] = _f(factory=list, doc="task_vectors: one scale per checkpoint")
+    checkpoints: list[str] = _f(factory=list, doc="task_vectors: fine-tuned checkpoints; 'run' "
+                                "= this run's model (default [run])")
+
+
+@dataclass
 class EvaluationConfig:
     task: list[MetricSpec] = _f(factory=list, doc="metrics of the fine-tuning task (learning)")
     general: list[MetricSpec] = _f(factory=list, doc="general capability (forgetting)")
     batch_size: int = _f(8, ge=1)
     device: str = _f("auto", doc="auto: cuda when available, else cpu")
     wise_alphas: list[float] = _f(factory=list, doc="WiSE-FT: also score θ0+α(θ*−θ0)")
+    merge: list[MergeSpec] = _f(factory=list, doc="merges toward the base, each also scored "
+                                "after training (after.merge.<name>); see MergeSpec")
 
 
 @dataclass
@@ -774,6 +815,54 @@ def _metric_check(self: MetricSpec, where: str, src: str) -> None:
         self.name = self.task or self.kind
 
 
+def _merge_check(self: MergeSpec, where: str, src: str) -> None:
+    check_slug(self.name, f"{where}.name", src)
+    used = MergeSpec.KINDS[self.kind]
+    for f in dataclasses.fields(self):
+        if f.name in ("name", "kind") or f.name in used:
+            continue
+        if getattr(self, f.name) not in (None, []):
+            raise ConfigError(f"{src}: {where}.{f.name}: not used by a merge of kind "
+                              f"'{self.kind}' (its keys: name, kind, {', '.join(used)})")
+    if self.kind == "layerwise":
+        for k in used:
+            if getattr(self, k) is None:
+                raise ConfigError(f"{src}: {where}.{k}: missing; a layerwise merge needs "
+                                  "alpha_bottom and alpha_top (numbers in [0, 1])")
+        return
+    if not self.scales:
+        raise ConfigError(f"{src}: {where}.scales: missing; a task_vectors merge needs one "
+                          "scale per checkpoint")
+    lo, hi = MergeSpec.SCALE_RANGE
+    for i, s in enumerate(self.scales):
+        if not lo <= s <= hi:
+            raise ConfigError(f"{src}: {where}.scales[{i}]: expected a value >= {lo} and "
+                              f"<= {hi}, got {s!r}")
+    if not self.checkpoints:
+        self.checkpoints = [MergeSpec.RUN]
+    if len(self.checkpoints) != len(self.scales):
+        raise ConfigError(f"{src}: {where}.scales: {len(self.scales)} scale(s) for "
+                          f"{len(self.checkpoints)} checkpoint(s) {self.checkpoints}; expected "
+                          "one scale per checkpoint")
+    for i, c in enumerate(self.checkpoints):
+        if not c.strip():
+            raise ConfigError(f"{src}: {where}.checkpoints[{i}]: expected '{MergeSpec.RUN}' or "
+                              "a checkpoint directory, got an empty string")
+    if MergeSpec.RUN not in self.checkpoints:
+        raise ConfigError(f"{src}: {where}.checkpoints: expected '{MergeSpec.RUN}' (this run's "
+                          f"fine-tuned model) among them, got {self.checkpoints}; a merge is "
+                          "scored once per run")
+
+
+def _evaluation_check(self: EvaluationConfig, where: str, src: str) -> None:
+    seen: dict[str, int] = {}
+    for i, m in enumerate(self.merge):
+        if m.name in seen:  # results are keyed by name: the second would overwrite the first
+            raise ConfigError(f"{src}: {where}.merge[{i}].name: {m.name!r} is already the name "
+                              f"of {where}.merge[{seen[m.name]}]; merge names must be unique")
+        seen[m.name] = i
+
+
 def _check_placeholders(template: str, key: str, src: str) -> None:
     """A path template may use ``{name}`` only (formatted with the config's name)."""
     try:
@@ -810,6 +899,8 @@ EWCConfig._check = _ewc_check  # type: ignore[attr-defined]
 OutputConfig._check = _output_check  # type: ignore[attr-defined]
 MetricSpec._check = _metric_check  # type: ignore[attr-defined]
 ArmSpec._check = _arm_check  # type: ignore[attr-defined]
+MergeSpec._check = _merge_check  # type: ignore[attr-defined]
+EvaluationConfig._check = _evaluation_check  # type: ignore[attr-defined]
 
 
 def parse_overrides(items: list[str], src: str = "command line") -> dict[str, Any]:

@@ -70,6 +70,26 @@ NUMERICS_CHANGES: dict[int, str] = {
        "used on one step)",
 }
 
+# Config keys added to the schema after identities were first saved (2026-12-01): a saved
+# identity without one was computed at its default (the key did not exist), so it is read as
+# that default rather than as a change. A key that changes what a default run computes must
+# never be listed here (bump NUMERICS_VERSION instead).
+ADDED_KEYS: tuple[str, ...] = ("training.lora", "training.freeze.", "evaluation.merge")
+
+
+def fill_added_keys(ident: dict[str, Any], like: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """Give a saved identity the :data:`ADDED_KEYS` it lacks, at their defaults (in place);
+    with ``like`` (the identity it is compared with), only the keys ``like`` has (a
+    checkpoint's identity has no evaluation keys)."""
+    flat: dict[str, Any] = {}
+    _flatten(config_to_dict(Config()), "", flat)
+    for k, v in flat.items():
+        if _excluded(k, ADDED_KEYS) and k not in ident and (like is None or k in like):
+            ident[k] = v
+    return ident
+
+
 # Also left out of a *checkpoint's* identity (training_identity): evaluation happens after
 # training, on the saved model, so changing a metric must not invalidate training checkpoints
 # (it does change a finished run's results, so run_identity keeps it).
@@ -226,6 +246,12 @@ def fisher_identity(cfg: Config, rc: Any) -> dict[str, Any]:
         "include": list(rc.include), "exclude": list(rc.exclude),
         "max_length": cfg.data.max_length, "train_on_prompt": cfg.data.train_on_prompt,
         "pad_to_multiple_of": cfg.data.pad_to_multiple_of, "seed": cfg.seed,
+        # the precision the estimate runs in and the tokenisation of the Fisher data
+        "model_dtype": cfg.model.dtype, "tokenizer": cfg.model.tokenizer,
+        "numerics": NUMERICS_VERSION,
+        # which parameters train (LoRA adapters have other names, frozen ones get no Fisher)
+        "lora": config_to_dict(cfg.training.lora) if cfg.training.lora is not None else None,
+        "freeze": config_to_dict(cfg.training.freeze),
     }
     if spec is not None and spec.path and Path(spec.path).is_file():
         ident["data_sha256"] = file_digest(Path(spec.path))

@@ -467,15 +467,47 @@ def _hf_config_from_model_cfg(mc: Any) -> Any:
     return AutoConfig.from_pretrained(path, **kw)
 
 
+def _trainable_without_weights(cfg: Config) -> int | None:
+    """The trainable-parameter count of a LoRA / freezing config, from a model built on the
+    meta device (no weights): ``training.lora`` adapters, or every parameter minus the frozen
+    ones. None when there is nothing to count or the model cannot be built offline."""
+    t = cfg.training
+    if t.lora is None and t.freeze == type(t.freeze)():
+        return None
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from forgetkit.models import count_parameters
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(_hf_config_from_model_cfg(cfg.model))
+        if t.lora is not None:
+            from forgetkit.train.lora import apply_lora
+
+            model, _ = apply_lora(model, t.lora)
+        else:
+            from forgetkit.train.freeze import apply_freeze
+
+            apply_freeze(model, cfg)
+        return count_parameters(model)[0]
+    except Exception:  # noqa: BLE001 - an estimate without it says so in its notes
+        return None
+
+
 def estimate_for_config(cfg: Config, world_size: int = 1, *, model: Any = None,
-                        seq_len: int | None = None) -> MemoryEstimate:
+                        seq_len: int | None = None, trainable_params: int | None = None
+                        ) -> MemoryEstimate:
     """The estimate for a forgetkit run config, per GPU.
 
     Args:
         cfg: a validated forgetkit config.
         world_size: number of processes (GPUs).
-        model: the loaded model, when there is one: its real parameter count is used.
+        model: the loaded model, when there is one: its real parameter count is used (and its
+            trainable count: LoRA adapters, frozen parameters).
         seq_len: padded sequence length (default ``cfg.data.max_length``: the worst case).
+        trainable_params: parameters that train (default: counted on ``model``, else from
+            the LoRA/freezing config on a meta-device model, else all).
 
     Returns:
         The :class:`MemoryEstimate`.
@@ -506,6 +538,12 @@ def estimate_for_config(cfg: Config, world_size: int = 1, *, model: Any = None,
         if rc.type in ("l2", "ewc"):
             anchor = rc.anchor_dtype
     attention = "eager" if mc.attn_implementation == "eager" else "sdpa"
+    if trainable_params is None and model is not None:
+        from forgetkit.models import count_parameters
+
+        trainable_params = count_parameters(model)[0]
+    elif trainable_params is None:
+        trainable_params = _trainable_without_weights(cfg)
     est = estimate(shape, seq_len=seq_len or cfg.data.max_length, micro_batch=t.micro_batch_size,
                    precision=precision,  # type: ignore[arg-type]
                    optimizer=opt,  # type: ignore[arg-type]
@@ -517,7 +555,18 @@ def estimate_for_config(cfg: Config, world_size: int = 1, *, model: Any = None,
                    anchor_dtype=anchor, kl_ref_dtype=wdtype,
                    grad_accumulation=t.gradient_accumulation_steps,
                    attention=attention,  # type: ignore[arg-type]
-                   autocast=precision.endswith("mixed") and strategy != "deepspeed")
+                   autocast=precision.endswith("mixed") and strategy != "deepspeed",
+                   trainable_params=trainable_params)
+    if trainable_params is not None and trainable_params < shape.params:
+        est.notes.append(
+            f"{trainable_params:,} of {shape.params:,} parameters train (LoRA adapters / "
+            "frozen parameters): weights counted in full, gradients, optimizer state and "
+            "anchors for the trainable ones only; activations are not reduced (an upper bound "
+            "when bottom layers are frozen)")
+    elif (cfg.training.lora is not None or cfg.training.freeze != type(cfg.training.freeze)()) \
+            and trainable_params is None:
+        est.notes.append("training.lora/freeze: the trainable count needs the model; every "
+                         "parameter counted as trainable (an upper bound)")
     est.details.update(params=shape.params, seq_len=seq_len or cfg.data.max_length,
                        precision=precision, sharding=sharding, optimizer=opt)
     return est

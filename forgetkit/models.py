@@ -327,3 +327,27 @@ def save_hf_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str | Pa
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def save_merged_lora(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path,
+                     adapter_dir: str | Path | None = None) -> Path:
+    """Save a peft LoRA model as a standard HF checkpoint with the adapters merged in.
+
+    ``adapter_dir`` (optional) first receives the adapter alone (peft ``save_pretrained``:
+    ``adapter_config.json`` + ``adapter_model.safetensors``, the adapter weights only). Then
+    peft's ``merge_and_unload`` folds every adapter into its base weight, ``W <- W + (alpha / r)
+    * B A`` (in the weight's dtype), and the plain transformers model is saved with
+    :func:`save_hf_checkpoint` into ``out_dir`` (loads with ``from_pretrained`` / lm_eval).
+
+    The merge is **in place**: ``model`` is unusable as a peft model afterwards (call it last;
+    the training loop does, on rank 0). Returns ``out_dir``.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"save_merged_lora expects a peft PeftModel, got {type(model).__name__}")
+    if adapter_dir is not None:
+        Path(adapter_dir).mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    merged = model.merge_and_unload()
+    return save_hf_checkpoint(merged, tokenizer, out_dir)

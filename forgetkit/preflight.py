@@ -278,11 +278,55 @@ def preflight(cfg: Config, *, launcher: list[str] | None = None, evaluation: boo
     checks.extend(_device_checks(cfg, evaluation, lau))
     checks.append(_cached(cache, ("launcher", tuple(lau)), "launcher",
                           lambda: _check_launcher(lau)))
+    if evaluation:
+        for i, m in enumerate(cfg.evaluation.merge):
+            for j, ck in enumerate(m.checkpoints):
+                if ck != "run":
+                    checks.append(_guard(f"evaluation.merge[{i}].checkpoints[{j}]",
+                                         lambda c=ck, k=f"evaluation.merge[{i}].checkpoints[{j}]":
+                                         _check_checkpoint_dir(k, c)))
+    if cfg.training.freeze != type(cfg.training.freeze)():
+        checks.append(_guard("training.freeze", lambda: _check_freeze(cfg)))
+    if cfg.training.lora is not None:
+        checks.append(_cached(cache, ("lora", repr(cfg.model), repr(cfg.training.lora),
+                                      cfg.distributed.strategy, repr(cfg.training.freeze)),
+                              "training.lora", lambda: _check_lora(cfg)))
     if cfg.output.trackers:
         names = tuple(cfg.output.trackers)
         checks.append(_cached(cache, ("trackers", names), "output.trackers",
                               lambda: _check_trackers(list(names))))
     return checks
+
+
+def _check_checkpoint_dir(key: str, path: str) -> str:
+    """A fine-tuned checkpoint a merge reads: a directory with safetensors weights."""
+    p = Path(path)
+    if not p.is_dir() or not any(p.glob("*.safetensors")):
+        raise ConfigError(f"{key}: {path} is not a checkpoint directory with *.safetensors "
+                          "weights (a merge reads it after training)")
+    return f"{key}: {path}"
+
+
+def _check_freeze(cfg: Config) -> str:
+    """training.freeze's config-only checks (patterns, combinations); the model-dependent ones
+    (a pattern matching no parameter) run when the model loads, before anything is written."""
+    from forgetkit.train.freeze import check_freeze
+
+    check_freeze(cfg)
+    f = cfg.training.freeze
+    parts = (["embeddings"] if f.embeddings else []) + (
+        [f"layers 0-{f.bottom_layers - 1}"] if f.bottom_layers else []) + (
+        [f"{len(f.patterns)} patterns"] if f.patterns else [])
+    return "freeze " + ", ".join(parts)
+
+
+def _check_lora(cfg: Config) -> str:
+    """LoRA's combinations (strategy, freezing) and target modules, on a meta-device model."""
+    from forgetkit.train.lora import check_lora_config, check_lora_targets
+
+    check_lora_config(cfg)
+    found = check_lora_targets(cfg)
+    return f"LoRA r={cfg.training.lora.r}" + (f": {found}" if isinstance(found, str) else "")
 
 
 def _check_trackers(names: list[str]) -> str:

@@ -54,7 +54,7 @@ from forgetkit.config import (
     dump_config,
     read_yaml,
 )
-from forgetkit.identity import NUMERICS_KEY
+from forgetkit.identity import NUMERICS_KEY, fill_added_keys
 from forgetkit.results import (
     IDENTITY,
     RUN_LOG,
@@ -284,6 +284,7 @@ def saved_identity(rdir: Path) -> dict[str, Any]:
         if not isinstance(ident, dict):
             raise ConfigError(f"{p}: not a JSON object")
         ident.setdefault(NUMERICS_KEY, 1)  # saved before forgetkit's numerics were versioned
+        fill_added_keys(ident)  # schema keys added since, at the defaults such a run had
         c = rdir / "config.yaml"
         if not any(k == "data.replay" or k.startswith("data.replay.") for k in ident) \
                 and c.is_file():
@@ -501,6 +502,7 @@ def eval_cache_key(cfg: Config) -> str:
     directory."""
     ev = config_to_dict(cfg.evaluation)
     ev.pop("wise_alphas", None)
+    ev.pop("merge", None)  # merges are scored after training only
     specs = list(cfg.evaluation.task) + list(cfg.evaluation.general)
     return _hash({"model": base_model_identity(cfg), "evaluation": ev, "seed": EVAL_SEED,
                   "data": _data_digests([s.data for s in specs],
@@ -649,15 +651,47 @@ def train_stage(run: RunSpec, launcher: list[str]) -> dict[str, Any]:
 
 
 def wise_scores(run: RunSpec, base: str, alphas: list[float]) -> dict[str, Any]:
-    """WiSE-FT: score θ0 + α(θ* − θ0) for each α without retraining."""
-    from forgetkit.regularizers.wise import write_interpolated_checkpoint
+    """WiSE-FT: score θ0 + α(θ* − θ0) for each α without retraining (``after.wise.<α>``).
+
+    The checkpoint of each α is the layerwise merge with ``alpha_bottom = alpha_top = α``:
+    bit for bit :func:`forgetkit.regularizers.wise.interpolate_state_dicts` (the same float32
+    ``torch.lerp``), written under the stored key names."""
+    from forgetkit.regularizers.merge import write_layerwise_checkpoint
 
     out: dict[str, Any] = {}
     for a in alphas:
         d = run.dir / f"wise-{a}"
-        write_interpolated_checkpoint(base, run.dir / "model", a, d)
         try:
+            write_layerwise_checkpoint(base, run.dir / "model", a, a, d)
             out[str(a)] = evaluate(d, run.cfg)
+        finally:
+            shutil.rmtree(inside(d, run.dir.parent.parent), ignore_errors=True)
+    return out
+
+
+def merge_scores(run: RunSpec, base: str) -> dict[str, Any]:
+    """Score each ``evaluation.merge`` entry without retraining: ``{name: evaluate(...)}``
+    (stored as ``after.merge``, beside ``after.wise``). ``run`` in a task-vector merge's
+    checkpoints is this run's fine-tuned model; the merged checkpoint is deleted once scored."""
+    from forgetkit.config import MergeSpec
+    from forgetkit.regularizers.merge import (
+        write_layerwise_checkpoint,
+        write_task_vector_checkpoint,
+    )
+
+    out: dict[str, Any] = {}
+    for m in run.cfg.evaluation.merge:
+        d = run.dir / f"merge-{m.name}"
+        try:
+            if m.kind == "layerwise":
+                assert m.alpha_bottom is not None and m.alpha_top is not None  # config-checked
+                write_layerwise_checkpoint(base, run.dir / "model", m.alpha_bottom, m.alpha_top,
+                                           d)
+            else:
+                dirs = [run.dir / "model" if c == MergeSpec.RUN else Path(c)
+                        for c in m.checkpoints]
+                write_task_vector_checkpoint(base, dirs, m.scales, d)
+            out[m.name] = evaluate(d, run.cfg)
         finally:
             shutil.rmtree(inside(d, run.dir.parent.parent), ignore_errors=True)
     return out
@@ -728,6 +762,8 @@ def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
     after["seconds"] = time.perf_counter() - t1
     if run.cfg.evaluation.wise_alphas:
         after["wise"] = wise_scores(run, base, run.cfg.evaluation.wise_alphas)
+    if run.cfg.evaluation.merge:
+        after["merge"] = merge_scores(run, base)
     write_json(run.dir / "eval_after.json", after)
     sources = {"train": run.cfg.data.train.path or run.cfg.data.train.name,
                "replay": [run.cfg.data.replay.data.path or run.cfg.data.replay.data.name]
@@ -1037,7 +1073,7 @@ def estimate_seconds(base: Config, runs: list[RunSpec], steps: list[int] | None 
                     continue
                 fisher += rc.fisher_examples * fl
     n_evals = len({eval_cache_key(r.cfg) for r in runs}) + len(runs) * (
-        1 + len(base.evaluation.wise_alphas))
+        1 + len(base.evaluation.wise_alphas) + len(base.evaluation.merge))
     return {"train_s": 6 * n * train / rate, "fisher_s": 6 * n * fisher / rate,
             "eval_s": 2 * n * eval_tokens * n_evals / rate, "params": n, "flops": rate}
 
@@ -1079,6 +1115,8 @@ def describe_plan(base: Config, runs: list[RunSpec]) -> str:
                  f"{n_specs} metrics each"
                  + (f", +{len(base.evaluation.wise_alphas)} WiSE-FT points per run"
                     if base.evaluation.wise_alphas else "")
+                 + (f", +{len(base.evaluation.merge)} merges per run"
+                    if base.evaluation.merge else "")
                  + (f"; items with an explicit limit: {n_eval_items}" if n_eval_items else ""))
     est = estimate_seconds(base, runs, n_steps)
     if est is not None:

@@ -694,6 +694,10 @@ def test_mix_replay_is_forgetkits_stream():
     two = mix_replay(task, pool, 0.2, seed=3, epochs=2)
     assert len(two) == 250 and two["text"][:125] == a["text"]
     assert set(two["text"][125:]) - set(a["text"])  # epoch 1 draws other replay records
+    # ratio 0 (the baseline of a ratio sweep) with epochs=E: E shuffled task-only epochs
+    zero = mix_replay(task, pool, 0.0, seed=3, epochs=3)
+    assert len(zero) == 300 and sorted(zero["text"][100:200]) == sorted(task["text"])
+    assert zero["text"][:100] == [f"t{i}" for i in epoch_stream(100, 0, 0.0, 3, 0).task_idx]
     with pytest.raises(ValueError, match="lacks the task's column"):
         mix_replay(task, pool.remove_columns("id"), 0.2)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):

@@ -245,3 +245,25 @@ def test_memory_line_says_what_it_compares():
     # sharded: the loaded weights are this rank's shard
     z3 = estimate(shape, seq_len=512, sharding="zero3", world_size=4)
     assert loaded_weights_bytes(z3) == 2 * n // 4
+
+
+def test_lora_and_freezing_shrink_gradients_and_optimizer_state_only():
+    """training.lora / training.freeze: the estimate counts every weight but gradients, AdamW
+    state and anchors only for the trainable parameters (counted on a meta-device model)."""
+    from forgetkit.config import config_from_dict
+    from forgetkit.memory import estimate_for_config
+
+    base = {"model": {"random_init": {"model_type": "llama", "hidden_size": 64,
+                                      "intermediate_size": 128, "num_hidden_layers": 4,
+                                      "num_attention_heads": 4, "num_key_value_heads": 2,
+                                      "vocab_size": 512}, "tokenizer": "byte"},
+            "regularizers": [{"type": "l2", "lambda": 1.0}]}
+    full = estimate_for_config(config_from_dict(base))
+    for extra in ({"lora": {"r": 4}}, {"freeze": {"embeddings": True, "bottom_layers": 2}}):
+        est = estimate_for_config(config_from_dict({**base, "training": extra}))
+        assert est.weights_bytes == full.weights_bytes, extra
+        ratio = est.optimizer_bytes / full.optimizer_bytes
+        assert 0 < ratio < 0.7, (extra, ratio)
+        assert est.gradients_bytes / full.gradients_bytes == pytest.approx(ratio, rel=1e-6)
+        assert est.regularizer_bytes < full.regularizer_bytes, extra
+        assert any("parameters train" in n for n in est.notes), est.notes

@@ -555,3 +555,13 @@ def test_a_tracker_whose_package_is_missing_is_a_problem(tmp_path):
                                              "trackers": [missing]})
     problems = [c.problem for c in failed(preflight.preflight(config_from_dict(raw, "t.yaml")))]
     assert len(problems) == 1 and f"pip install {missing}" in problems[0], problems
+
+
+def test_a_merge_checkpoint_that_is_not_there_is_a_problem(tmp_path):
+    """evaluation.merge reads other fine-tuned checkpoints after training: a missing one is
+    reported before anything is trained."""
+    raw = tiny_config_dict(tmp_path, evaluation={"merge": [
+        {"name": "tv", "kind": "task_vectors", "scales": [1.0, 0.5],
+         "checkpoints": ["run", str(tmp_path / "nowhere")]}]})
+    problems = [c.problem for c in failed(preflight.preflight(config_from_dict(raw, "t.yaml")))]
+    assert len(problems) == 1 and "nowhere" in problems[0], problems

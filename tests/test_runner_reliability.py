@@ -164,6 +164,27 @@ def test_run_finished_before_identities_is_checked_from_its_config_yaml(tmp_path
     assert fakes.trained == ["naive seed 0", "l2 seed 0"] and snapshot(root) == before
 
 
+def test_keys_added_to_the_schema_later_do_not_invalidate_a_saved_run(tmp_path, fakes,
+                                                                       capsys):
+    """An identity.json saved before training.lora / training.freeze / evaluation.merge
+    existed reads them at their defaults (forgetkit.identity.ADDED_KEYS): still reused."""
+    from forgetkit.identity import ADDED_KEYS, _excluded
+
+    config = experiment(tmp_path)
+    root = tmp_path / "results" / "rel"
+    assert cli(capsys, config)[0] == 0
+    for arm in ("naive", "l2"):
+        p = root / arm / "seed-0" / "identity.json"
+        ident = json.loads(p.read_text())
+        kept = {k: v for k, v in ident.items() if not _excluded(k, ADDED_KEYS)}
+        assert len(kept) < len(ident)
+        p.write_text(json.dumps(kept))
+    rc, err = cli(capsys, config)
+    assert rc == 0 and "2 reused" in err, err
+    rc, err = cli(capsys, config, "training.freeze.bottom_layers=1")  # a real change: seen
+    assert rc == 2 and "training.freeze.bottom_layers: 0 -> 1" in err, err
+
+
 def test_run_of_older_numerics_is_not_reused(tmp_path, fakes, capsys):
     """A finished run whose identity.json was saved before forgetkit's numerics were versioned
     (version 1) is not reused as today's: same config, other computation."""

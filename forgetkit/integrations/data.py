@@ -187,7 +187,8 @@ def mix_replay(task_dataset: Any, replay_dataset: Any, ratio: float, seed: int =
         task_dataset: the fine-tuning data (a ``datasets.Dataset`` or a list of records).
         replay_dataset: the general data to replay; must have every column of the task
             dataset (extra columns are dropped; values are cast to the task's features).
-        ratio: replay fraction of the stream, ``0 <= ratio < 1`` (0: the task data as is).
+        ratio: replay fraction of the stream, ``0 <= ratio < 1`` (0 with ``epochs=1``: the
+            task data as is; 0 with more epochs: that many shuffled task-only epochs).
         seed: seed of the task shuffle and the replay draws.
         epochs: number of forgetkit epochs to lay out one after another.
 
@@ -204,8 +205,12 @@ def mix_replay(task_dataset: Any, replay_dataset: Any, ratio: float, seed: int =
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     task = _as_dataset(task_dataset)
-    if ratio == 0.0:
-        return task
+    if ratio == 0.0 and epochs == 1:
+        return task  # the task data as is (the Trainer shuffles it)
+    if ratio == 0.0:  # task-only epochs, each shuffled as forgetkit's loop does
+        rows = [int(i) for e in range(epochs)
+                for i in epoch_stream(len(task), 0, 0.0, seed, e).task_idx.tolist()]
+        return task.select(rows).flatten_indices()
     replay = _as_dataset(replay_dataset)
     missing = [c for c in task.column_names if c not in replay.column_names]
     if missing:

@@ -186,6 +186,7 @@ class EWC(AnchoredRegularizer):
         blob = json.dumps({
             "identity": self._data_identity(), "estimator": self.estimator,
             "samples": self.fisher_samples, "seed": self.seed, "names": self.names,
+            "dtypes": [str(p.dtype) for p in self.params],  # theta0's fingerprint is not
             "online_gamma": self.online_gamma, "previous": prev,
             "theta0": [round(x, 6) for x in self.fingerprint.get("theta0", [])],
         }, sort_keys=True, default=str)
@@ -214,11 +215,25 @@ class EWC(AnchoredRegularizer):
             save_fisher(path, dict(zip(self.names, full, strict=True)), meta)
             log.info("EWC %s: Fisher written to %s", self.name, path)
 
+    @staticmethod
+    def _agree(ctx: RegContext, flag: bool) -> bool:
+        """Rank 0's answer, on every rank (a sum of rank 0's 1/0 and the others' 0)."""
+        if ctx.world_size <= 1:
+            return flag
+        t = torch.tensor([1.0 if (flag and ctx.rank == 0) else 0.0], device=ctx.device)
+        ctx.all_reduce_sum(t)
+        return bool(t.item() > 0)
+
     def _obtain(self, ctx: RegContext) -> list[torch.Tensor]:
         dev = self.anchor[0].device
         key = self._key()
         own = self.own_path
-        if own is not None and own.exists():
+        # Every rank takes the same branch (a file visible to rank 0 only, on storage not
+        # shared across nodes, must not send the ranks into different collectives).
+        own_exists = own is not None and self._agree(ctx, own.exists())
+        path_exists = self.fisher_path is not None and self._agree(ctx, self.fisher_path.exists())
+        if own_exists:
+            assert own is not None
             full, meta = load_fisher(own)
             if meta.get("key") == key:
                 log.info("EWC %s: Fisher read from the run's copy %s", self.name, own)
@@ -227,7 +242,8 @@ class EWC(AnchoredRegularizer):
             log.info("EWC %s: %s was made for other settings or weights; re-estimating",
                      self.name, own)
         prev = None
-        if self.fisher_path is not None and self.fisher_path.exists():
+        if path_exists:
+            assert self.fisher_path is not None
             full, pmeta = load_fisher(self.fisher_path)
             finite_or_raise(full, str(self.fisher_path))
             prev = _to_local(full, self.names, self.params, dev)

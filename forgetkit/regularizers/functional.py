@@ -82,6 +82,7 @@ class _AnchoredQuadratic(torch.autograd.Function):
         return 0.5 * total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward raises, never drops terms
     def backward(ctx: object, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         params = ctx.saved_tensors  # type: ignore[attr-defined]
         anchor, fisher = ctx.anchor, ctx.fisher  # type: ignore[attr-defined]

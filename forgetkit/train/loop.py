@@ -58,6 +58,7 @@ from forgetkit.data.batching import collate, collate_flat, epoch_stream, plan_ba
 from forgetkit.data.sets import ExampleSets, build_example_sets
 from forgetkit.data.templates import IGNORE_INDEX, Example
 from forgetkit.identity import (
+    fill_added_keys,
     format_mismatch,
     identity_diff,
     identity_digest,
@@ -65,10 +66,17 @@ from forgetkit.identity import (
     training_identity,
 )
 from forgetkit.locking import dir_lock
-from forgetkit.models import human_count, load_model, save_hf_checkpoint, save_merged_lora
+from forgetkit.models import (
+    count_parameters,
+    human_count,
+    load_model,
+    save_hf_checkpoint,
+    save_merged_lora,
+)
 from forgetkit.regularizers.base import RegContext, Regularizer, optimizer_lr_lookup
 from forgetkit.regularizers.build import build_regularizers
 from forgetkit.train.distributed import Backend, DeepSpeedBackend, make_backend
+from forgetkit.train.freeze import apply_freeze, check_freeze, freeze_active
 from forgetkit.train.lora import apply_lora, check_lora_config
 from forgetkit.train.optim import build_optimizer, lr_at, param_groups, set_lr
 from forgetkit.train.tracking import Trackers, check_trackers
@@ -128,8 +136,8 @@ class TrainResult:
     collapse: dict[str, Any] | None = None  # reason, from_step, to_step (see CollapseWatch)
 
 
-def memory_report(cfg: Config, backend: Any, baseline_rss: int | None = None
-                  ) -> dict[str, Any]:
+def memory_report(cfg: Config, backend: Any, baseline_rss: int | None = None,
+                  trainable_params: int | None = None) -> dict[str, Any]:
     """The process's measured memory next to forgetkit's estimate (forgetkit.memory).
 
     On a GPU ``torch.cuda.max_memory_allocated`` (tensors: comparable with the estimate); on
@@ -142,7 +150,8 @@ def memory_report(cfg: Config, backend: Any, baseline_rss: int | None = None
 
         sharded = backend.world_size > 1 and backend.name in ("fsdp", "deepspeed")
         est = estimate_for_config(cfg, backend.world_size,
-                                  model=None if sharded else backend.unwrap())
+                                  model=None if sharded else backend.unwrap(),
+                                  trainable_params=trainable_params)
         measured = measured_peak_bytes(baseline_rss)
         log.info("%s", memory_line(est, measured))
         return {"memory": measured, "memory_estimate": est.to_dict()}
@@ -561,8 +570,8 @@ def resume_checkpoint(ckpt_root: Path, identity: dict[str, Any]) -> Path | None:
             log.warning("no intact checkpoint in %s: training from scratch", ckpt_root)
         return None
     try:
-        old = json.loads((ckpt / IDENTITY_FILE).read_text())
-    except (OSError, ValueError):
+        old = fill_added_keys(json.loads((ckpt / IDENTITY_FILE).read_text()), identity)
+    except (OSError, ValueError, AttributeError):
         old = {}
     diff = identity_diff(old, identity)
     if diff:
@@ -848,6 +857,7 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] | None = None, *,
         TrainingInterrupted: Ctrl-C (a KeyboardInterrupt), with the step and last checkpoint.
         DiskFull: no space left while writing (temporary files removed).
     """
+    check_freeze(cfg)  # config-only (training.freeze): before the lock or anything is written
     backend = make_backend(cfg.distributed, cfg.training)
     out_dir = cfg.output_dir()
     status = _Progress()
@@ -873,6 +883,9 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
 
     # -- model and data (identical on every rank: same seed, same files)
     model, tokenizer = load_model(cfg.model)
+    # training.freeze: requires_grad=False before sharding and the optimizer; model-dependent
+    # problems raise ConfigError here, before anything is written (nothing frozen: no change)
+    freeze = apply_freeze(model, cfg)
     lora_info = None  # training.lora: peft adapters train, the base is frozen (train/lora.py)
     if t.lora is not None:
         model, lora_info = apply_lora(model, t.lora)
@@ -900,6 +913,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
     last = ckpt_root / f"step-{picked:08d}" if picked else None
 
     # -- place/shard, then regularizers snapshot theta0 from the (local) parameters
+    n_trainable, n_params = count_parameters(model)  # unsharded, after LoRA/freeze: exact
     model = backend.shard(model)
     model.train()
     backend.model = model
@@ -1095,7 +1109,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
         status.checkpoint = plan.total_steps
     model_dir = None
     # LoRA: the memory report reads the peft model, which saving merges in place: read it first
-    mem = memory_report(cfg, backend, post_load_rss) if lora_info and backend.is_main else None
+    mem = memory_report(cfg, backend, post_load_rss, n_trainable) if lora_info and backend.is_main else None
     if cfg.output.save_model and lora_info is not None:  # rank 0 merges; single/DDP only
         model_dir = out_dir / "model"
         if backend.is_main:
@@ -1127,8 +1141,11 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
         info.update(world_size=backend.world_size, strategy=backend.name,
                     n_train_examples=len(data.train), n_validation_examples=len(data.validation),
                     n_replay_pool=len(data.replay), global_batch=plan.global_batch,
-                    identity_digest=identity_digest(identity) if identity else None)
-        info.update(mem if mem is not None else memory_report(cfg, backend, post_load_rss))
+                    identity_digest=identity_digest(identity) if identity else None,
+                    trainable_params=n_trainable, total_params=n_params)
+        if freeze_active(cfg):
+            info["freeze"] = freeze.to_dict()
+        info.update(mem if mem is not None else memory_report(cfg, backend, post_load_rss, n_trainable))
         if lora_info is not None:
             info["lora"] = lora_info
         _write_text(out_dir / "train_result.json", json.dumps(info, indent=1))

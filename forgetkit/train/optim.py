@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from forgetkit.config import TrainingConfig
+from forgetkit.config import ConfigError, TrainingConfig
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -63,6 +63,12 @@ def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], cfg: Traini
 
     Each group carries ``lr_scale`` and starts at ``lr = cfg.lr * lr_scale``; the schedule sets
     ``lr = peak * lr_scale * factor(step)`` (:func:`set_lr`, :func:`build_scheduler`).
+
+    Frozen parameters (``requires_grad=False``: ``training.freeze``, see
+    :mod:`forgetkit.train.freeze`, or LoRA's base weights) are in no group, so the optimizer
+    allocates no state for them and weight decay never touches them. The depths are still
+    counted over *all* names, so freezing the bottom layers leaves the other layers' lr scales
+    as they were. Raises ConfigError when no parameter is trainable.
     """
     n_layers = count_layers(n for n, _ in named_params)
     groups: dict[tuple[bool, int], dict] = {}
@@ -79,6 +85,9 @@ def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], cfg: Traini
                            "lr": cfg.lr * scale}
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
+    if not groups:
+        raise ConfigError("no trainable parameter: every parameter has requires_grad=False "
+                          "(training.freeze or training.lora leave nothing to optimize)")
     return [groups[k] for k in sorted(groups)]
 
 
