@@ -752,3 +752,33 @@ def test_placement_errors():
         RegularizedTrainer(model=None, regularizers=[L2SP(1.0)], placement={"ewc": "after_clip"})
     with pytest.raises(ValueError, match="expected one of"):
         RegularizedTrainer(model=None, regularizers=[L2SP(1.0)], placement="inside_clip")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_loss_mode_penalties_on_fsdp2_shards_equal_the_full_computation(tmp_path):
+    """The ``before_clip`` path under FSDP2 (the Trainer's FSDP cannot run on CPU: accelerate
+    ignores its FSDP plugin there): theta0 and F captured from the full model before sharding,
+    the penalty through autograd on DTensor shards. Every rank's value is the global penalty and
+    its gradient shard equals its part of lam * F * (theta - theta0), recomputed on full
+    tensors. Tolerance: fp32 rounding of one product (1e-6 of a gradient of order 1e-1)."""
+    import json
+    import subprocess
+    import sys
+
+    from dist_utils import REPO, _env, _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           str(REPO / "tests" / "fsdp_loss_mode_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reps = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for name in ("l2", "ewc"):
+        a, b = reps[0][name], reps[1][name]
+        assert a["value"] == pytest.approx(b["value"], rel=1e-6)  # global on every rank
+        assert a["value"] == pytest.approx(a["full_value"], rel=1e-5)
+        assert a["value"] > 1e-3  # the weights moved: not a comparison of zeros
+        assert a["checked"] > 0 and b["checked"] > 0  # both ranks own shards
+        assert max(a["max_grad_err"], b["max_grad_err"]) < 1e-6, (name, a, b)

@@ -168,6 +168,26 @@ def _check_deepspeed(placements: dict[str, str], hf_config: Any) -> None:
             "partitioned outside forward); use ZeRO-1/2 or FSDP2 (fsdp_version 2)")
 
 
+def _device_all_reduce(device: torch.device) -> Any:
+    """An in-place sum over ranks that also takes CPU tensors under NCCL: under FSDP/DeepSpeed
+    the Trainer leaves the model on the CPU at construction, so a Fisher estimated there has CPU
+    partial sums, which NCCL cannot reduce; they travel through ``device`` and back."""
+    from forgetkit.regularizers.base import _dist_all_reduce_sum
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if (t.device.type == "cpu" and device.type != "cpu" and dist.is_initialized()
+                and dist.get_backend() == "nccl"):
+            g = t.to(device)
+            _dist_all_reduce_sum(g)
+            t.copy_(g.to(t.device))
+            return t
+        return _dist_all_reduce_sum(t)
+
+    return reduce
+
+
 class _State:
     """Per-trainer bookkeeping of the integration (not part of the Trainer's own state)."""
 
@@ -294,10 +314,8 @@ class RegularizerMixin:
                 continue
             kw: dict[str, Any] = {}
             if "rank" in inspect.signature(fn).parameters:
-                from forgetkit.regularizers.base import _dist_all_reduce_sum
-
                 kw = {"rank": int(acc.process_index), "world_size": world,
-                      "all_reduce": _dist_all_reduce_sum if world > 1 else None}
+                      "all_reduce": _device_all_reduce(acc.device) if world > 1 else None}
             fn(t.model, **kw)
 
     def _fk_context(self, grads_in_params: bool) -> RegContext:
