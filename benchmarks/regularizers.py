@@ -361,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     mfu = flops / (peak * 1e9)
     print(f"\nMFU: 6*N*tokens/s = {flops / 1e9:.1f} GFLOP/s over fp32 matmul peak {peak:.1f} "
           f"GFLOP/s = {100 * mfu:.1f} %")
+    from forgetkit.train.distributed import matmul_gflops, resolve_mixed_precision
+
+    f32, b16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    chosen, _ = resolve_mixed_precision("auto", cpu=True)
+    print(f"CPU matmul 512x512: fp32 {f32:.0f} GFLOP/s, bf16 {b16:.0f} GFLOP/s "
+          f"(bf16/fp32 {b16 / f32:.2f}x): training.mixed_precision auto -> {chosen}")
     print(f"total wall time {time.perf_counter() - t_start:.0f}s")
     if a.json:
         a.json.write_text(json.dumps({

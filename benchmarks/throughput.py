@@ -1,28 +1,53 @@
-"""Training throughput: forgetkit's loop against two Hugging Face ``Trainer`` recipes.
+"""Training throughput where users run it: forgetkit's loop against HF ``Trainer`` at its best.
 
-One run measures, on the same random-init Llama, the same synthetic instruction data and the same
-hyper-parameters, the *target tokens per second* (tokens that carry loss, i.e. response tokens)
-of three ways to fully fine-tune a causal LM:
+One run measures, on the same random-init Llama, the same instruction data (thousands of
+examples with a realistic length distribution) and the same hyper-parameters, the *target tokens
+per second* (tokens that carry loss: the responses) of these ways to fully fine-tune a causal LM:
 
-  (a) ``hf-maxlen``  HF ``Trainer``, every example padded to ``max_length`` (the tutorial recipe:
-                     ``tokenizer(..., padding="max_length")`` + ``default_data_collator``);
-  (b) ``hf-dynamic`` HF ``Trainer`` at its best: ``DataCollatorForSeq2Seq(pad_to_multiple_of=8)``
-                     and ``train_sampling_strategy="group_by_length"`` (transformers 5 spelling of
-                     ``group_by_length=True``);
-  (c) ``forgetkit``  ``forgetkit.train.loop.train(cfg)`` (length-grouped batches, dynamic padding
-                     to a multiple of 8, token-normalised loss).
+  hf-grouped  HF ``Trainer`` with ``train_sampling_strategy="group_by_length"`` (transformers 5
+              spelling of ``group_by_length=True``: ``LengthGroupedSampler``) and dynamic padding,
+              ``DataCollatorForSeq2Seq(pad_to_multiple_of=8)``;
+  hf-flat     HF ``Trainer`` padding-free: ``DataCollatorWithFlattening`` (each micro-batch one
+              row, ``position_ids`` restarting per example; with sdpa and no attention mask
+              transformers builds the block-diagonal causal mask from the position resets);
+  fk-grouped  ``forgetkit.train.loop.train(cfg)`` with ``data.batching: length_grouped``;
+  fk-flat     the same with ``data.batching: padding_free``;
+  hf-maxlen   (not run by default) HF ``Trainer`` with every example padded to ``max_length``.
 
-Each method runs in its own fresh Python process (no shared allocator, thread-pool or accelerate
-state) and trains ``warmup + steps`` optimizer steps over exactly one epoch of the same
-``(warmup + steps) * global_batch`` examples. What is timed, identically for all three: wall
-clock from the end of optimizer step ``warmup`` to the end of optimizer step ``warmup + steps``
-(steady state; model building, tokenisation, optimizer-state allocation, the first shapes and the
-final checkpoint are outside the window). Data loading/collation inside the steps is inside it.
-Prompt tokens carry label -100 in all three, and all three normalise the loss by the number of
-target tokens of the optimizer step, so they optimise the same objective on the same token ids.
+Data (``--dist``): ``medmcqa`` (default) is the embedded task's own data, the MedMCQA train
+split forgetkit ships (``forgetkit.assets.load_alias('medmcqa', 'train')``, 3,087 records, the
+``data.train`` of experiments/ewc_medical.yaml) in the instruction format; ``longtail`` is 3,000
+synthetic instruction records whose lengths in tokens are lognormal (median 120, sigma 0.9,
+clipped to [24, max_length - 16]: a long right tail), made of words drawn from MedMCQA's text.
+Tokenizer: SmolLM2-135M's (the embedded model's, offline via forgetkit.assets; V = 49152) when
+present, otherwise forgetkit's byte tokenizer.
 
-Run ``.venv/bin/python benchmarks/throughput.py`` (full, a few minutes on 2 CPU cores) or with
-``--quick`` (< 2 minutes). See benchmarks/README.md for the definitions of the columns.
+Models (``--model``): ``mid`` (default) a random-init Llama d 384, 6 layers, MLP 1024, tied
+embeddings (29.5 M parameters with V = 49152), where the step is compute-bound;
+``smol135m`` SmolLM2-135M's shape (d 576, 30 layers, GQA 9/3, MLP 1536, tied; random init,
+same compute as the real weights) for a short timed window; ``tiny`` (``--quick``).
+
+Protocol. Every method trains the same global batch (micro-batch 4 x accumulation 2, as
+experiments/ewc_medical.yaml), the same ``warmup + steps`` optimizer steps, AdamW (fused) at
+the same constant lr, clip 1.0, fp32, sdpa attention, one fresh Python process per (method,
+repeat). Timed, identically for all: wall clock from the end of optimizer step ``warmup`` to the
+end of step ``warmup + steps`` (data loading and collation inside the window). Repeats are
+interleaved (A B C D A B C D ...); repeat r uses data-order seed ``seed + r`` for every method
+(weights fixed), so the spread covers both timing noise and which batches fall in the window.
+
+The window and HF's length grouping: transformers 5's ``LengthGroupedSampler`` sorts each
+mega-batch of 50 global batches by length, longest first, and does not shuffle the batches, so
+a window shorter than 50 steps sees only the long end of HF's first mega-batch, while forgetkit
+shuffles its batches (any window is a random sample of its epoch). ``--steps 48`` (with the
+default warm-up of 2) covers exactly one HF mega-batch; the defaults are shorter to fit a
+2-core CPU (16 steps for ``mid``, 6 for ``smol135m``, 14 for ``--quick``). So the table reports
+each method's padding in the timed window *and* over the whole epoch's plan, and an
+epoch-adjusted rate (window processed tokens/s x the epoch's non-padding share x the data's
+target share): what the window's speed gives over a whole epoch. Both ratios are printed.
+
+Run ``.venv/bin/python benchmarks/throughput.py`` (default, ~12 minutes on 2 cores with 1
+thread) or ``--quick`` (< 3 minutes). Set ``OMP_NUM_THREADS`` and ``--threads`` together. See
+benchmarks/README.md for measured numbers.
 """
 
 from __future__ import annotations
@@ -47,66 +72,110 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-METHODS = ("hf-maxlen", "hf-dynamic", "forgetkit")
-LABEL = {"hf-maxlen": "(a) HF Trainer, pad to max_length",
-         "hf-dynamic": "(b) HF Trainer, dynamic pad + group_by_length",
-         "forgetkit": "(c) forgetkit loop"}
+METHODS = ("hf-grouped", "hf-flat", "fk-grouped", "fk-flat", "hf-maxlen")
+DEFAULT_METHODS = ("hf-grouped", "hf-flat", "fk-grouped", "fk-flat")
+LABEL = {"hf-grouped": "HF Trainer, group_by_length + dynamic pad",
+         "hf-flat": "HF Trainer, DataCollatorWithFlattening",
+         "fk-grouped": "forgetkit, length_grouped",
+         "fk-flat": "forgetkit, padding_free",
+         "hf-maxlen": "HF Trainer, pad to max_length"}
 IGNORE = -100
+SMOL = "smollm2-135m-instruct"
+HF_MEGA_BATCHES = 50  # transformers' LengthGroupedSampler: min(n // (4 * batch), 50) batches
+
+MODELS: dict[str, dict[str, Any]] = {
+    "tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "num_key_value_heads": 2, "intermediate_size": 344},
+    "mid": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6,
+            "num_key_value_heads": 6, "intermediate_size": 1024},
+    "smol135m": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+                 "num_key_value_heads": 3, "intermediate_size": 1536},
+}
 
 
 # ----------------------------------------------------------------------------- data
 
-def _text(rng: np.random.Generator, n: int) -> str:
-    """ASCII pseudo-words of exactly ``n`` characters (= ``n`` byte-level tokens)."""
-    out: list[str] = []
-    size = 0
-    while size < n:
-        w = "".join(chr(c) for c in rng.integers(97, 123, size=int(rng.integers(2, 10))))
-        out.append(w)
-        size += len(w) + 1
-    return " ".join(out)[:n].ljust(n, "x")
+def load_tokenizer_for(args: argparse.Namespace) -> Any:
+    """The benchmark's tokenizer: SmolLM2-135M's (offline asset) or forgetkit's byte one."""
+    import forgetkit.assets  # noqa: F401  (registers the model alias)
+    from forgetkit.config import ModelConfig
+    from forgetkit.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(random_init={"model_type": "llama"},
+                                      tokenizer="byte" if args.tokenizer == "byte" else SMOL))
 
 
-# Overhead of the byte tokenizer's chat template in tokens:
-# prompt "<|user|>\n{u}\n<|assistant|>\n" (23 + u), response "{o}<|endoftext|>\n" (o + 2).
-_PROMPT_OVERHEAD, _RESPONSE_OVERHEAD = 23, 2
+def medmcqa_records(n: int, seed: int) -> list[dict[str, str]]:
+    """The MedMCQA train split forgetkit ships, instruction format; the first ``n`` after a
+    seeded shuffle (all of them when ``n`` is 0)."""
+    from forgetkit import assets
+
+    recs = assets.load_alias("medmcqa", "train")
+    order = np.random.default_rng(seed).permutation(len(recs))
+    if n:
+        if n > len(recs):
+            raise SystemExit(f"--n-examples {n}: the medmcqa train split has {len(recs)}")
+        order = order[:n]
+    return [{"instruction": recs[i]["instruction"], "input": recs[i].get("input", ""),
+             "output": recs[i]["output"]} for i in order.tolist()]
 
 
-def make_records(n: int, seed: int, median: float, sigma: float, lo: int, hi: int
-                 ) -> list[dict[str, str]]:
-    """Alpaca-like records (instruction / input / output) whose total length in tokens is
-    lognormal(median, sigma) clipped to [lo, hi]; the response is 30-85 % of it."""
-    rng = np.random.default_rng(seed)
+def longtail_records(n: int, seed: int, tok: Any, median: float, sigma: float, lo: int,
+                     hi: int) -> list[dict[str, str]]:
+    """Instruction records whose total length in tokens is lognormal(median, sigma) clipped to
+    [lo, hi], the response 30-85 % of it; words drawn (frequency-weighted) from MedMCQA's text,
+    each word's token count taken from the tokenizer (totals are additive up to a few %; the
+    printed distribution is the measured one)."""
+    from forgetkit import assets
+    from forgetkit.data.templates import tokenize_record
+
+    text = " ".join(r["instruction"] + " " + r["output"]
+                    for r in assets.load_alias("medmcqa", "train"))
+    occ = text.split()
+    uniq = sorted(set(occ))
+    n_tok = dict(zip(uniq, (len(tok(" " + w, add_special_tokens=False)["input_ids"])
+                            for w in uniq), strict=True))
+    words = np.array(occ, dtype=object)
+    wlen = np.array([n_tok[w] for w in occ])
+    probe = tokenize_record({"instruction": "", "input": "", "output": ""}, "instruction", None,
+                            tok, 10 ** 6)
+    overhead = len(probe.input_ids) if probe is not None else 8
+    rng = np.random.default_rng([seed, 0x7A11])
     total = np.clip(np.round(rng.lognormal(math.log(median), sigma, size=n)), lo, hi).astype(int)
     share = rng.uniform(0.30, 0.85, size=n)
-    records = []
+
+    def draw(k: int) -> str:
+        idx = rng.integers(0, len(words), size=max(4, int(k / wlen.mean() * 1.5) + 4))
+        cum = np.cumsum(wlen[idx])
+        stop = int(np.searchsorted(cum, k)) + 1
+        return " ".join(words[idx[:stop]].tolist())
+
+    out = []
     for length, f in zip(total.tolist(), share.tolist(), strict=True):
-        budget = length - _PROMPT_OVERHEAD - _RESPONSE_OVERHEAD
-        out_len = max(1, round(budget * f))
-        ins_len = max(1, budget - out_len)
-        records.append({"instruction": _text(rng, ins_len), "input": "",
-                        "output": _text(rng, out_len)})
-    return records
+        budget = max(2, length - overhead)
+        r_len = max(1, round(budget * f))
+        out.append({"instruction": draw(max(1, budget - r_len)), "input": "",
+                    "output": draw(r_len)})
+    return out
 
 
 def model_spec(args: argparse.Namespace) -> dict[str, Any]:
-    return {"model_type": "llama", "hidden_size": args.hidden,
-            "intermediate_size": args.intermediate or int(round(args.hidden * 8 / 3 / 8) * 8),
-            "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
-            "num_key_value_heads": args.heads, "max_position_embeddings": args.max_length,
-            "tie_word_embeddings": True}
+    """The random-init Llama config dict (vocabulary and special ids come from the tokenizer)."""
+    return {"model_type": "llama", **MODELS[args.model], "tie_word_embeddings": True,
+            "max_position_embeddings": max(2048, args.max_length), "use_cache": False}
 
 
-def forgetkit_config(args: argparse.Namespace, work: Path) -> Any:
+def forgetkit_config(args: argparse.Namespace, work: Path, batching: str, seed: int) -> Any:
     from forgetkit.config import config_from_dict
 
     raw = {
-        "name": "bench-forgetkit", "seed": args.seed,
-        "model": {"random_init": model_spec(args), "tokenizer": "byte", "dtype": "float32",
-                  "attn_implementation": "sdpa"},
-        "data": {"train": {"path": str(work / "train.jsonl"), "format": "chat"},
+        "name": "bench-forgetkit", "seed": seed,
+        "model": {"random_init": model_spec(args),
+                  "tokenizer": "byte" if args.tokenizer == "byte" else SMOL,
+                  "dtype": "float32", "attn_implementation": "sdpa"},
+        "data": {"train": {"path": str(work / "train.jsonl"), "format": "instruction"},
                  "validation_fraction": 0.0, "max_length": args.max_length,
-                 "batching": args.batching, "pad_to_multiple_of": 8},
+                 "batching": batching, "pad_to_multiple_of": 8},
         "training": {"micro_batch_size": args.batch_size,
                      "gradient_accumulation_steps": args.grad_accum,
                      "max_steps": args.warmup + args.steps, "lr": args.lr,
@@ -114,21 +183,18 @@ def forgetkit_config(args: argparse.Namespace, work: Path) -> Any:
                      "max_grad_norm": 1.0, "log_every": 1, "eval_every": 0,
                      "checkpoint_every": 0, "resume": False},
         "distributed": {"cpu": True},
-        "output": {"dir": str(work / "forgetkit-run"), "save_model": False},
+        "output": {"dir": str(work / f"fk-{batching}-{seed}"), "save_model": False},
     }
     return config_from_dict(raw, "benchmarks/throughput.py")
 
 
-def tokenized(args: argparse.Namespace, work: Path) -> tuple[list[Any], Any]:
-    """forgetkit's own tokenisation of the records: the token ids all three methods train on."""
-    from forgetkit.data.templates import tokenize_record
-    from forgetkit.models import build_byte_tokenizer
+def examples(args: argparse.Namespace, work: Path) -> tuple[list[Any], Any]:
+    """forgetkit's own tokenisation of train.jsonl: the token ids every method trains on."""
+    from forgetkit.train.loop import build_data
 
-    tok = build_byte_tokenizer()
-    recs = [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
-    exs = [tokenize_record(r, "chat", None, tok, args.max_length) for r in recs]
-    assert all(e is not None for e in exs)
-    return exs, tok
+    tok = load_tokenizer_for(args)
+    cfg = forgetkit_config(args, work, "length_grouped", args.seed)
+    return list(build_data(cfg, tok).train), tok
 
 
 def hf_features(ex: Any, pad_to: int | None, pad_id: int) -> dict[str, list[int]]:
@@ -140,6 +206,27 @@ def hf_features(ex: Any, pad_to: int | None, pad_id: int) -> dict[str, list[int]
         n = pad_to - len(ids)
         ids, labels, mask = ids + [pad_id] * n, labels + [IGNORE] * n, mask + [0] * n
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def padded_len(lens: list[int], multiple: int = 8) -> int:
+    return int(math.ceil(max(lens) / multiple) * multiple)
+
+
+def hf_epoch_micro(lengths: list[int], args: argparse.Namespace, seed: int
+                   ) -> list[tuple[int, list[int]]]:
+    """(padded T, real lengths) of every micro-batch of one epoch of HF's group_by_length, from
+    transformers' own ``get_length_grouped_indices`` (seeded generator; drop_last)."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    glob = args.batch_size * args.grad_accum
+    idx = get_length_grouped_indices(lengths, glob, generator=torch.Generator().manual_seed(seed))
+    n = len(idx) // args.batch_size * args.batch_size
+    out = []
+    for s in range(0, n, args.batch_size):
+        lens = [lengths[i] for i in idx[s:s + args.batch_size]]
+        out.append((padded_len(lens), lens))
+    return out
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -161,28 +248,41 @@ def seq_flops(dims: dict[str, int], T: int) -> float:
     return 6.0 * dims["matmul_params"] * T + 12.0 * dims["layers"] * dims["attn_dim"] * T * T
 
 
-def account(dims: dict[str, int], micro: list[tuple[int, list[int]]]) -> dict[str, float]:
-    """Executed (padded T) and useful (real lengths) FLOPs/tokens of a list of micro-batches
-    given as (padded length T, [real lengths])."""
+def account(dims: dict[str, int], micro: list[tuple[int, list[int]]], flat: bool
+            ) -> dict[str, float]:
+    """Executed and real tokens/FLOPs of micro-batches given as (row length T, [real lengths]).
+
+    Padded: B rows of T. Flat: one row of T = sum(lens) tokens, no padding; its executed
+    attention is the whole row's (sdpa with a block mask computes every score, then masks)."""
     ex_f = use_f = ex_t = use_t = 0.0
     for T, lens in micro:
-        ex_t += T * len(lens)
         use_t += sum(lens)
-        ex_f += len(lens) * seq_flops(dims, T)
         use_f += sum(seq_flops(dims, n) for n in lens)
+        if flat:
+            ex_t += T
+            ex_f += seq_flops(dims, T)
+        else:
+            ex_t += T * len(lens)
+            ex_f += len(lens) * seq_flops(dims, T)
     return {"exec_tokens": ex_t, "useful_tokens": use_t, "exec_flops": ex_f,
             "useful_flops": use_f}
 
 
-def matmul_peak(seconds: float = 6.0) -> float:
+def pad_fraction(micro: list[tuple[int, list[int]]], flat: bool) -> float:
+    if flat:
+        return 0.0
+    ex = sum(T * len(lens) for T, lens in micro)
+    return 1.0 - sum(sum(lens) for _, lens in micro) / ex
+
+
+def matmul_peak(seconds: float) -> float:
     """Best fp32 GFLOP/s of a large square torch.matmul (several sizes, best of many)."""
     import torch
 
     best = 0.0
     t_end = time.perf_counter() + seconds
-    sizes = (2048, 3072, 4096)
     while True:
-        for n in sizes:
+        for n in (1024, 2048, 3072):
             a, b = torch.randn(n, n), torch.randn(n, n)
             a @ b
             t = time.perf_counter()
@@ -194,18 +294,14 @@ def matmul_peak(seconds: float = 6.0) -> float:
 
 # ----------------------------------------------------------------------------- workers
 
-def run_forgetkit(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from forgetkit.data.batching import collate
+def run_forgetkit(args: argparse.Namespace, work: Path, method: str, seed: int
+                  ) -> dict[str, Any]:
     from forgetkit.models import load_model
     from forgetkit.train.loop import StepPlan, build_data, train
 
-    cfg = forgetkit_config(args, work)
-    profiler = None
-    if args.profile == "forgetkit":
-        profiler = _start_profiler(args, work)
+    batching = "padding_free" if method == "fk-flat" else "length_grouped"
+    cfg = forgetkit_config(args, work, batching, seed)
     res = train(cfg, progress=False)
-    if profiler is not None:
-        _stop_profiler(profiler, work, "forgetkit")
     log = [json.loads(ln) for ln in (res.out_dir / "train_log.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in log if "elapsed_s" in r}
     w, s = args.warmup, args.warmup + args.steps
@@ -213,39 +309,40 @@ def run_forgetkit(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     targets = by_step[s]["target_tokens"] - by_step[w]["target_tokens"]
     step_times = [by_step[k + 1]["elapsed_s"] - by_step[k]["elapsed_s"] for k in range(w, s)]
 
-    # Shapes of the timed micro-batches, from the deterministic plan (recomputed after the run so
-    # that nothing is recorded inside the timed loop).
-    model, tok = load_model(cfg.model, seed=cfg.seed)
+    # Shapes of the timed micro-batches and of the whole epoch, from the deterministic plan
+    # (recomputed after the run so that nothing is recorded inside the timed loop).
+    model, tok = load_model(cfg.model)
     data = build_data(cfg, tok)
-    assert len(data.train) == args.n_examples, (len(data.train), args.n_examples)
     plan = StepPlan(data, cfg, 1)
-    assert plan.total_steps == s and plan.steps_per_epoch == s
-    micro = []
-    chk = 0
-    flat = cfg.data.batching == "padding_free"
-    for k in range(w, s):
+    flat = batching == "padding_free"
+
+    def shapes(k: int) -> tuple[list[tuple[int, list[int]]], int]:
         mbs, n_t, _ = plan.step(k, 0)
-        chk += n_t
+        out = []
         for mb in mbs:
-            T = (sum(len(e.input_ids) for e in mb) if flat else
-                 collate(mb, tok.pad_token_id, cfg.data.pad_to_multiple_of)["input_ids"].shape[1])
-            micro.append((T, [len(e.input_ids) for e in mb]))
-    assert chk == targets
-    acc = account(model_dims(model), micro)
-    if flat:  # one row of sum(lens) tokens: no padding token; attention over the whole row
-        # (sdpa/eager with a block-diagonal mask compute every score of the row, then mask)
-        acc = account(model_dims(model), [(T, [T]) for T, _ in micro])
-        acc.update({k: v for k, v in account(model_dims(model), [(n, [n]) for _, lens in micro
-                                                                 for n in lens]).items()
-                    if k.startswith("useful")})
+            lens = [len(e.input_ids) for e in mb]
+            out.append((sum(lens) if flat else padded_len(lens, cfg.data.pad_to_multiple_of),
+                        lens))
+        return out, n_t
+
+    window, chk = [], 0
+    for k in range(w, s):
+        mbs, n_t = shapes(k)
+        window += mbs
+        chk += n_t
+    assert chk == targets, (chk, targets)
+    epoch = [mb for k in range(plan.steps_per_epoch) for mb in shapes(k)[0]]
+    dims = model_dims(model)
     return {"elapsed_s": elapsed, "target_tokens": targets, "step_times": step_times,
             "final_loss": log[-2]["loss"] if len(log) > 1 else None,
-            **acc}
+            "pad_epoch": pad_fraction(epoch, flat), "pad_window": pad_fraction(window, flat),
+            "n_examples": len(data.train), **account(dims, window, flat)}
 
 
-def run_hf(args: argparse.Namespace, work: Path, method: str) -> dict[str, Any]:
+def run_hf(args: argparse.Namespace, work: Path, method: str, seed: int) -> dict[str, Any]:
     from transformers import (
         DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
         Trainer,
         TrainerCallback,
         TrainingArguments,
@@ -254,24 +351,29 @@ def run_hf(args: argparse.Namespace, work: Path, method: str) -> dict[str, Any]:
 
     from forgetkit.models import load_model
 
-    cfg = forgetkit_config(args, work)
-    exs, tok = tokenized(args, work)
-    model, _ = load_model(cfg.model, tokenizer=tok, seed=cfg.seed)  # same weights as forgetkit
-    pad_to = args.max_length if method == "hf-maxlen" else None
-    train_ds = [hf_features(e, pad_to, tok.pad_token_id) for e in exs]
+    exs, tok = examples(args, work)
+    cfg = forgetkit_config(args, work, "length_grouped", seed)
+    model, _ = load_model(cfg.model, tokenizer=tok)  # the same weights as forgetkit's
+    flat = method == "hf-flat"
     if method == "hf-maxlen":
-        collator = default_data_collator
-        sampling = "random"
+        train_ds = [hf_features(e, args.max_length, tok.pad_token_id) for e in exs]
+        collator, sampling = default_data_collator, "random"
+    elif flat:
+        train_ds = [{k: v for k, v in hf_features(e, None, 0).items() if k != "attention_mask"}
+                    for e in exs]
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
+        sampling = "random"  # no padding to group away (rows are concatenations)
     else:
+        train_ds = [hf_features(e, None, tok.pad_token_id) for e in exs]
         collator = DataCollatorForSeq2Seq(tok, padding=True, pad_to_multiple_of=8,
                                           label_pad_token_id=IGNORE, return_tensors="pt")
         sampling = "group_by_length"
 
     targs = TrainingArguments(
-        output_dir=str(work / f"{method}-run"), per_device_train_batch_size=args.batch_size,
+        output_dir=str(work / f"{method}-{seed}"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, max_steps=args.warmup + args.steps,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, optim="adamw_torch_fused", use_cpu=True, seed=args.seed,
+        max_grad_norm=1.0, optim="adamw_torch_fused", use_cpu=True, seed=seed,
         train_sampling_strategy=sampling, dataloader_drop_last=True,
         dataloader_num_workers=0, remove_unused_columns=False, logging_steps=10 ** 6,
         save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True)
@@ -285,42 +387,34 @@ def run_hf(args: argparse.Namespace, work: Path, method: str) -> dict[str, Any]:
 
     class BenchTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
-            lab, am = inputs["labels"], inputs["attention_mask"]
-            micro.append((lab.shape[1], am.sum(1).tolist(), int((lab[:, 1:] != IGNORE).sum())))
+            lab = inputs["labels"]
+            if flat:
+                pos = inputs["position_ids"][0]
+                starts = (pos == 0).nonzero().flatten().tolist() + [pos.shape[0]]
+                lens = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
+            else:
+                lens = inputs["attention_mask"].sum(1).tolist()
+            micro.append((lab.shape[1], lens, int((lab[:, 1:] != IGNORE).sum())))
             return super().training_step(model, inputs, num_items_in_batch)
 
     trainer = BenchTrainer(model=model, args=targs, train_dataset=train_ds,
                            data_collator=collator, processing_class=tok, callbacks=[Stamp()])
-    profiler = None
-    if args.profile == method:
-        profiler = _start_profiler(args, work)
     out = trainer.train()
-    if profiler is not None:
-        _stop_profiler(profiler, work, method)
     w, s, A = args.warmup, args.warmup + args.steps, args.grad_accum
     assert len(stamps) == s, (len(stamps), s)
-    timed = micro[w * A:s * A]
+    timed = [(T, lens) for T, lens, _ in micro[w * A:s * A]]
+    if method == "hf-grouped":
+        epoch = hf_epoch_micro([len(e.input_ids) for e in exs], args, seed)
+    elif method == "hf-maxlen":
+        epoch = [(args.max_length, [len(e.input_ids)]) for e in exs]
+    else:
+        epoch = [(0, [1])]
     return {"elapsed_s": stamps[s - 1] - stamps[w - 1],
-            "target_tokens": sum(m[2] for m in timed),
+            "target_tokens": sum(m[2] for m in micro[w * A:s * A]),
             "step_times": [stamps[k] - stamps[k - 1] for k in range(w, s)],
-            "final_loss": out.training_loss,
-            **account(model_dims(model), [(T, lens) for T, lens, _ in timed])}
-
-
-def _start_profiler(args: argparse.Namespace, work: Path) -> Any:
-    import torch
-
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                  record_shapes=False, with_stack=False)
-    prof.__enter__()
-    return prof
-
-
-def _stop_profiler(prof: Any, work: Path, method: str) -> None:
-    prof.__exit__(None, None, None)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-    (work / f"profile-{method}.txt").write_text(table)
-    print(table, file=sys.stderr)
+            "final_loss": out.training_loss, "pad_epoch": pad_fraction(epoch, flat),
+            "pad_window": pad_fraction(timed, flat), "n_examples": len(exs),
+            **account(model_dims(model), timed, flat)}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -329,41 +423,52 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import forgetkit.assets  # noqa: F401  (registers the model alias)
+
     work = Path(args.workdir)
-    if args.worker == "forgetkit":
-        res = run_forgetkit(args, work)
+    seed = args.seed + args.repeat
+    if args.worker.startswith("fk-"):
+        res = run_forgetkit(args, work, args.worker, seed)
     else:
-        res = run_hf(args, work, args.worker)
+        res = run_hf(args, work, args.worker, seed)
     res["threads"] = torch.get_num_threads()
     (work / f"result-{args.worker}-{args.repeat}.json").write_text(json.dumps(res))
 
 
-def check_same_objective(args: argparse.Namespace, work: Path) -> float:
-    """|forgetkit loss - HF loss| on one batch of the real data: same targets, same weights."""
+def check_same_objective(args: argparse.Namespace, work: Path, exs: list[Any], tok: Any
+                         ) -> dict[str, float]:
+    """Loss of one micro-batch of the real data (same weights, same targets) by each path:
+    forgetkit padded and padding-free, HF padded and flattened. Equal losses also show that
+    both flat paths keep attention inside each example."""
     import torch
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-    from forgetkit.data.batching import collate
+    from forgetkit.data.batching import collate, collate_flat
     from forgetkit.models import load_model
-    from forgetkit.train.loop import token_losses
+    from forgetkit.train.loop import PaddingFree, token_losses
 
-    cfg = forgetkit_config(args, work)
-    exs, tok = tokenized(args, work)
-    model, _ = load_model(cfg.model, tokenizer=tok, seed=cfg.seed)
-    batch = exs[:4]
-    fk = collate(batch, tok.pad_token_id, 8)
+    cfg = forgetkit_config(args, work, "length_grouped", args.seed)
+    model, _ = load_model(cfg.model, tokenizer=tok)
+    model.eval()
+    batch = exs[:args.batch_size]
+    out: dict[str, float] = {}
     with torch.no_grad():
-        out = model(input_ids=fk["input_ids"], attention_mask=fk["attention_mask"])
-        ce = token_losses(out, fk["labels"])
-        l_fk = float(ce.sum() / (fk["labels"] != IGNORE).sum())
-        from transformers import DataCollatorForSeq2Seq
-
+        fk = collate(batch, tok.pad_token_id, 8)
+        n_t = float((fk["labels"] != IGNORE).sum())
+        o = model(input_ids=fk["input_ids"], attention_mask=fk["attention_mask"])
+        out["fk-grouped"] = float(token_losses(o, fk["labels"]).sum()) / n_t
+        fl = collate_flat(batch)
+        o = model(**PaddingFree("position_ids", "sdpa").inputs(fl))
+        out["fk-flat"] = float(token_losses(o, fl["labels"]).sum()) / n_t
+        feats = [hf_features(e, None, tok.pad_token_id) for e in batch]
         hf = DataCollatorForSeq2Seq(tok, padding=True, pad_to_multiple_of=8,
-                                    label_pad_token_id=IGNORE, return_tensors="pt")(
-            [hf_features(e, None, tok.pad_token_id) for e in batch])
+                                    label_pad_token_id=IGNORE, return_tensors="pt")(feats)
         n = (hf["labels"][:, 1:] != IGNORE).sum()
-        l_hf = float(model(**hf, num_items_in_batch=n).loss)
-    return abs(l_fk - l_hf)
+        out["hf-grouped"] = float(model(**hf, num_items_in_batch=n).loss)
+        hf = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)(
+            [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats])
+        out["hf-flat"] = float(model(**hf, num_items_in_batch=n).loss)
+    return out
 
 
 # ----------------------------------------------------------------------------- driver
@@ -372,64 +477,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="small model, few steps: the whole run in under 2 minutes")
-    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per method "
-                   "(default 24, quick 8)")
+                   help="tiny model, one repeat: the whole run in under 3 minutes (same data)")
+    p.add_argument("--dist", choices=("medmcqa", "longtail"), default="medmcqa",
+                   help="length distribution: the embedded MedMCQA task, or lognormal long tail")
+    p.add_argument("--n-examples", type=int, default=0,
+                   help="training examples (0: all 3,087 MedMCQA train records; longtail 3,000)")
+    p.add_argument("--model", choices=tuple(MODELS), default=None,
+                   help="random-init Llama shape (default mid; quick tiny)")
+    p.add_argument("--tokenizer", choices=("auto", "smollm2", "byte"), default="auto",
+                   help="auto: SmolLM2-135M's tokenizer when the offline asset is installed")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed optimizer steps (default mid 16, smol135m 6, quick 14; 48 = one "
+                   "whole HF length-grouping mega-batch after the 2 warm-up steps)")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
-    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 256, quick 128)")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4, quick 2)")
-    p.add_argument("--heads", type=int, default=None, help="attention heads (default hidden/64)")
-    p.add_argument("--intermediate", type=int, default=None, help="MLP size (default 8/3*hidden)")
-    p.add_argument("--batch-size", type=int, default=8, help="micro-batch size")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4, help="micro-batch size")
+    p.add_argument("--grad-accum", type=int, default=2, help="gradient accumulation steps")
+    p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batching", choices=("length_grouped", "padding_free"),
-                   default="length_grouped", help="forgetkit's data.batching")
-    p.add_argument("--median-len", type=float, default=120.0,
-                   help="median example length in tokens (lognormal)")
-    p.add_argument("--sigma", type=float, default=0.75, help="lognormal sigma of the lengths")
-    p.add_argument("--min-len", type=int, default=30)
-    p.add_argument("--max-len", type=int, default=500)
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--median-len", type=float, default=120.0, help="longtail: median length")
+    p.add_argument("--sigma", type=float, default=0.9, help="longtail: lognormal sigma")
+    p.add_argument("--min-len", type=int, default=24, help="longtail: shortest example")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="run every method this many times (round-robin); report the median")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved rounds over the methods (default 2; quick 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", choices=METHODS, default=None,
-                   help="run torch.profiler around this method's training (slower; table on "
-                   "stderr and in the work dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--n-examples", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.steps = a.steps if a.steps is not None else (8 if a.quick else 24)
-    a.hidden = a.hidden if a.hidden is not None else (128 if a.quick else 256)
-    a.layers = a.layers if a.layers is not None else (2 if a.quick else 4)
-    a.heads = a.heads if a.heads is not None else max(1, a.hidden // 64)
+    a.model = a.model or ("tiny" if a.quick else "mid")
+    if a.steps is None:
+        a.steps = {"smol135m": 6, "mid": 16}.get(a.model, 14)
+    a.repeats = a.repeats or (1 if a.quick else 2)
     if a.warmup < 1:
         p.error("--warmup must be >= 1 (the timed window starts at the end of a step)")
-    a.n_examples = (a.warmup + a.steps) * a.batch_size * a.grad_accum
+    if a.tokenizer == "auto":
+        from forgetkit import assets
+
+        a.tokenizer = "smollm2" if assets.smollm2_gguf() is not None else "byte"
     return a
 
 
 def _worker_argv(args: argparse.Namespace, method: str, work: Path, repeat: int) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", method,
             "--workdir", str(work), "--repeat", str(repeat)]
-    for k in ("steps", "warmup", "hidden", "layers", "heads", "intermediate", "batch_size",
-              "grad_accum", "max_length", "lr", "threads", "seed", "batching"):
-        v = getattr(args, k)
-        if v is not None:
-            argv += [f"--{k.replace('_', '-')}", str(v)]
-    if args.profile:
-        argv += ["--profile", args.profile]
+    for k in ("steps", "warmup", "model", "tokenizer", "batch_size", "grad_accum", "max_length",
+              "lr", "threads", "seed"):
+        argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     return argv
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
     if args.worker:
         worker(args)
@@ -442,104 +545,131 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory(prefix="forgetkit-bench-") as tmp:
         work = Path(tmp)
-        records = make_records(args.n_examples, args.seed, args.median_len, args.sigma,
-                               args.min_len, args.max_len)
+        tok = load_tokenizer_for(args)
+        if args.dist == "medmcqa":
+            records = medmcqa_records(args.n_examples, args.seed)
+        else:
+            records = longtail_records(args.n_examples or 3000, args.seed, tok, args.median_len,
+                                       args.sigma, args.min_len, args.max_length - 16)
         with (work / "train.jsonl").open("w") as fh:
             for r in records:
                 fh.write(json.dumps(r) + "\n")
-        exs, _ = tokenized(args, work)
+        exs, tok = examples(args, work)
         lens = np.array([len(e.input_ids) for e in exs])
         tgts = np.array([e.n_targets for e in exs])
-        spec = model_spec(args)
         from forgetkit.models import load_model
 
-        model, _ = load_model(forgetkit_config(args, work).model, seed=args.seed)
+        model, _ = load_model(forgetkit_config(args, work, "length_grouped", args.seed).model,
+                              tokenizer=tok)
         dims = model_dims(model)
         del model
-        diff = check_same_objective(args, work)
-        print(f"model: random-init llama hidden={spec['hidden_size']} layers={args.layers} "
-              f"heads={args.heads} mlp={spec['intermediate_size']} vocab=259 (byte), "
-              f"{dims['params'] / 1e6:.2f}M params ({dims['matmul_params'] / 1e6:.2f}M in "
-              f"Linear layers incl. tied LM head), fp32, sdpa attention, {args.threads} threads")
-        print(f"data: {len(exs)} chat-template examples, length (tokens) mean {lens.mean():.0f} "
-              f"median {np.median(lens):.0f} p90 {np.percentile(lens, 90):.0f} max {lens.max()}; "
-              f"targets/example mean {tgts.mean():.0f} ({tgts.sum() / lens.sum():.0%} of tokens)")
+        losses = check_same_objective(args, work, exs, tok)
+        spec = model_spec(args)
+        vocab = "SmolLM2-135M tokenizer" if args.tokenizer == "smollm2" else "byte tokenizer"
+        print(f"model: random-init llama '{args.model}' hidden={spec['hidden_size']} layers="
+              f"{spec['num_hidden_layers']} heads={spec['num_attention_heads']}/"
+              f"{spec['num_key_value_heads']} mlp={spec['intermediate_size']} vocab {len(tok)} "
+              f"({vocab}), {dims['params'] / 1e6:.1f}M params ({dims['matmul_params'] / 1e6:.1f}M "
+              f"in Linear layers incl. the tied LM head), fp32, sdpa, {args.threads} threads "
+              f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+        print(f"data: {args.dist}, {len(exs)} instruction-format examples, length (tokens) mean "
+              f"{lens.mean():.0f} median {np.median(lens):.0f} p90 {np.percentile(lens, 90):.0f} "
+              f"p99 {np.percentile(lens, 99):.0f} max {lens.max()}; targets/example mean "
+              f"{tgts.mean():.1f} ({tgts.sum() / lens.sum():.1%} of tokens)")
         print(f"run: micro-batch {args.batch_size} x accum {args.grad_accum}, AdamW (fused) lr "
               f"{args.lr:g} constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed "
-              f"optimizer steps per method, one epoch, max_length {args.max_length}, forgetkit "
-              f"data.batching {args.batching}")
-        print(f"objective check: |loss_forgetkit - loss_HF| on one batch = {diff:.2e}")
-        peak = matmul_peak(4.0 if args.quick else 8.0)
+              f"optimizer steps per method, {args.repeats} interleaved repeat(s), max_length "
+              f"{args.max_length}")
+        ref = losses["fk-grouped"]
+        print("objective check (one micro-batch, same weights): " + ", ".join(
+            f"{k} {v:.6f}" for k, v in losses.items()) +
+            f"; max |diff| {max(abs(v - ref) for v in losses.values()):.1e}")
+        peak = matmul_peak(3.0 if args.quick else 6.0)
         results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
         for rep in range(args.repeats):
             for m in methods:
                 t = time.perf_counter()
                 proc = subprocess.run(_worker_argv(args, m, work, rep), cwd=str(ROOT),
-                                      capture_output=True, text=True)
+                                      capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
                     raise SystemExit(f"worker {m} failed (exit {proc.returncode})")
-                if args.profile == m:
-                    sys.stderr.write(proc.stderr[-12000:])
                 res = json.loads((work / f"result-{m}-{rep}.json").read_text())
                 results[m].append(res)
                 print(f"  {m:<10} repeat {rep}: {res['target_tokens'] / res['elapsed_s']:8.1f} "
-                      f"target tok/s ({time.perf_counter() - t:.0f}s incl. set-up)", flush=True)
-                if args.profile == m:
-                    prof = work / f"profile-{m}.txt"
-                    if prof.exists():
-                        (ROOT / "benchmarks" / f"profile-{m}.txt").write_text(prof.read_text())
+                      f"target tok/s, pad {100 * res['pad_window']:.1f} % "
+                      f"({time.perf_counter() - t:.0f}s incl. set-up)", flush=True)
         peak = max(peak, matmul_peak(2.0))
-    report(args, results, peak)
+    summary = report(args, results, peak, len(exs), dims["params"],
+                     float(tgts.sum() / lens.sum()))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in vars(args).items()},
-                                         "peak_gflops": peak, "results": results}, indent=1))
+                                         "peak_gflops": peak, "losses": losses,
+                                         "summary": summary, "results": results}, indent=1))
     print(f"total wall time {time.perf_counter() - t0:.0f}s")
     return 0
 
 
-def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], peak: float
-           ) -> None:
+def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], peak: float,
+           n_examples: int, params: int, target_share: float) -> dict[str, Any]:
+    """Print the table and the headline; return the summary (ratios) for --json/run_all."""
     rows = {}
     for m, runs in results.items():
         tps = [r["target_tokens"] / r["elapsed_s"] for r in runs]
         r = sorted(runs, key=lambda r: r["target_tokens"] / r["elapsed_s"])[len(runs) // 2]
+        exec_tps = r["exec_tokens"] / r["elapsed_s"]
         rows[m] = {
-            "tps": statistics.median(tps), "spread": (min(tps), max(tps)),
+            "tps": statistics.median(tps), "all": tps, "spread": (min(tps), max(tps)),
             "step_ms": 1000 * statistics.median(r["step_times"]),
-            "pad": 1 - r["useful_tokens"] / r["exec_tokens"],
-            "exec_tps": r["exec_tokens"] / r["elapsed_s"],
-            "mfu_exec": r["exec_flops"] / r["elapsed_s"] / (peak * 1e9),
-            "mfu_useful": r["useful_flops"] / r["elapsed_s"] / (peak * 1e9),
-            "targets": r["target_tokens"], "time": r["elapsed_s"]}
+            "pad_window": r["pad_window"], "pad_epoch": r["pad_epoch"],
+            "real_tps": r["useful_tokens"] / r["elapsed_s"], "exec_tps": exec_tps,
+            "adj_tps": exec_tps * (1 - r["pad_epoch"]) * target_share,
+            "mfu_exec": r["exec_flops"] / r["elapsed_s"] / (peak * 1e9)}
     print()
-    print(f"fp32 matmul peak (best large torch.matmul): {peak:.1f} GFLOP/s")
-    hdr = (f"{'method':<46} {'target tok/s':>12} {'step ms':>8} {'pad %':>6} "
-           f"{'proc tok/s':>10} {'MFU exec':>8} {'MFU useful':>10}")
+    print(f"fp32 matmul peak (best large torch.matmul, {args.threads} threads): {peak:.1f} GFLOP/s")
+    hdr = (f"{'method':<42} {'target tok/s (min-max)':>24} {'step ms':>8} {'pad % win':>9} "
+           f"{'pad % epoch':>11} {'real tok/s':>10} {'MFU exec':>8} {'epoch-adj tgt/s':>15}")
     print(hdr)
     print("-" * len(hdr))
     for m, r in rows.items():
-        print(f"{LABEL[m]:<46} {r['tps']:>12.1f} {r['step_ms']:>8.0f} {100 * r['pad']:>6.1f} "
-              f"{r['exec_tps']:>10.0f} {100 * r['mfu_exec']:>7.1f}% {100 * r['mfu_useful']:>9.1f}%")
-    if args.repeats > 1:
-        for m, r in rows.items():
-            print(f"  {m}: target tok/s over {args.repeats} repeats: "
-                  f"min {r['spread'][0]:.1f} max {r['spread'][1]:.1f}")
+        tp = f"{r['tps']:.1f} ({r['spread'][0]:.1f}-{r['spread'][1]:.1f})"
+        print(f"{m + ' ' + LABEL[m]:<42} {tp:>24} {r['step_ms']:>8.0f} "
+              f"{100 * r['pad_window']:>9.1f} {100 * r['pad_epoch']:>11.1f} "
+              f"{r['real_tps']:>10.0f} {100 * r['mfu_exec']:>7.1f}% {r['adj_tps']:>15.1f}")
     print()
-    fk = rows.get("forgetkit")
-    if fk:
-        for m in ("hf-maxlen", "hf-dynamic"):
-            if m in rows:
-                tag = "(c)/(a)" if m == "hf-maxlen" else "(c)/(b)"
-                print(f"{tag} target tokens/s: {fk['tps'] / rows[m]['tps']:.2f}x")
-        if "hf-dynamic" in rows:
-            ok = fk["tps"] >= 1.15 * rows["hf-dynamic"]["tps"]
-            print(f"target forgetkit >= 1.15x (b): {'met' if ok else 'NOT met'}")
-    print("MFU exec: 6*N*T_padded + 12*L*d*T_padded^2 per sequence (FLOPs executed, padding "
-          "included); MFU useful: same with each example's real length (padding excluded).")
+    fk = [m for m in rows if m.startswith("fk-")]
+    hf = [m for m in rows if m.startswith("hf-")]
+    summary: dict[str, Any] = {"n_examples": n_examples, "params": params, "dist": args.dist,
+                               "model": args.model, "rows": rows}
+    if fk and hf:
+        fk_best = max(fk, key=lambda m: rows[m]["tps"])
+        hf_best = max(hf, key=lambda m: rows[m]["tps"])
+        per = [a / b for a, b in zip(rows[fk_best]["all"], rows[hf_best]["all"], strict=True)]
+        ratio = rows[fk_best]["tps"] / rows[hf_best]["tps"]
+        adj = (max(rows[m]["adj_tps"] for m in fk) / max(rows[m]["adj_tps"] for m in hf))
+        print(f"best forgetkit: {fk_best}; best HF: {hf_best} (by median target tokens/s)")
+        print(f"forgetkit / best HF: {ratio:.2f}x ({min(per):.2f}-{max(per):.2f}) at "
+              f"{n_examples} examples, {params / 1e6:.1f}M params")
+        print(f"  epoch-adjusted (window processed tok/s x epoch non-padding share): {adj:.2f}x")
+        if ratio < 1.0:
+            print("  forgetkit is SLOWER than the best HF Trainer configuration here.")
+        print(f"  target forgetkit >= 1.15x best HF: {'met' if ratio >= 1.15 else 'NOT met'}")
+        summary.update({"ratio": ratio, "ratio_min": min(per), "ratio_max": max(per),
+                        "ratio_epoch_adjusted": adj, "fk_best": fk_best, "hf_best": hf_best})
+    win = args.warmup + args.steps
+    if "hf-grouped" in rows and win < HF_MEGA_BATCHES:
+        print(f"  note: the window ({args.warmup}+{args.steps} steps) is shorter than HF's "
+              f"{HF_MEGA_BATCHES}-step length-grouping mega-batch: HF's window holds the long end "
+              "of it; compare 'pad % win' with 'pad % epoch' and the epoch-adjusted ratio "
+              f"(--steps {HF_MEGA_BATCHES - args.warmup} covers one mega-batch).")
+    print("pad %: padding tokens / tokens computed, in the timed window and over one epoch's "
+          "plan (HF's from transformers' get_length_grouped_indices). MFU exec: 6*N*T + "
+          "12*L*d*T^2 per row computed (padding and masked attention included) / matmul peak.")
+    return summary
 
 
 if __name__ == "__main__":

@@ -230,7 +230,10 @@ class TrainingConfig:
         "gradient terms (coupled L2-SP/EWC), as when a penalty is added to the loss; 'loss' = "
         "the loss gradient only, the gradient terms are added after the clip (a stiff EWC "
         "term then cannot shrink the task gradient; not with DeepSpeed)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no")
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = _f(
+        "no", doc="bf16/fp16: autocast with fp32 master weights (fp16: CUDA only); auto: bf16 "
+        "where this device runs a bf16 matmul measurably faster than fp32 (CUDA with bf16 "
+        "support; a CPU with fast bf16, e.g. AMX), else no; the choice is logged and recorded")
     eval_every: int = _f(0, ge=0, doc="validation loss every N optimizer steps (0: at the end)")
     log_every: int = _f(1, ge=1)
     checkpoint_every: int = _f(0, ge=0, doc="checkpoint every N optimizer steps (0: end only)")

@@ -75,6 +75,65 @@ def _ensure_process_group(cpu: bool) -> None:
         os.environ.setdefault(k, v)
 
 
+_MATMUL_CACHE: dict[str, float] = {}
+
+
+def matmul_gflops(dtype: torch.dtype, device: str = "cpu", n: int = 512,
+                  seconds: float = 0.3) -> float:
+    """Measured throughput of an ``n x n`` matmul in ``dtype`` on ``device`` (GFLOP/s; best of
+    a few timed batches after a warm-up; cached per process)."""
+    import time
+
+    key = f"{dtype}/{device}/{n}"
+    if key in _MATMUL_CACHE:
+        return _MATMUL_CACHE[key]
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    reps, end = 4, time.perf_counter() + seconds
+    while True:
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / reps)
+        if time.perf_counter() > end:
+            break
+    _MATMUL_CACHE[key] = 2 * n**3 / best / 1e9
+    return _MATMUL_CACHE[key]
+
+
+#: ``auto`` picks bf16 on a CPU only when its bf16 matmul is at least this much faster.
+AUTO_BF16_MIN_SPEEDUP = 1.25
+
+
+def resolve_mixed_precision(requested: str, cpu: bool) -> tuple[str, str]:
+    """(precision to train in, why) for ``training.mixed_precision``; only ``auto`` is
+    resolved: on CUDA bf16 where the device supports it, on a CPU bf16 only where a measured
+    bf16 matmul is >= AUTO_BF16_MIN_SPEEDUP x fp32's (CPUs differ: an Intel Xeon with AMX ran
+    it ~3x faster, the AMD EPYC here has no fast bf16), else ``no`` (fp32)."""
+    if requested != "auto":
+        return requested, "as configured"
+    if not cpu and torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "CUDA device with bf16 support"
+        return "no", "CUDA device without bf16 support"
+    # interleaved rounds, best of each: a busy machine slows both, not one
+    f32 = b16 = 0.0
+    for _ in range(3):
+        for k in list(_MATMUL_CACHE):
+            del _MATMUL_CACHE[k]
+        f32 = max(f32, matmul_gflops(torch.float32, n=1024, seconds=0.1))
+        b16 = max(b16, matmul_gflops(torch.bfloat16, n=1024, seconds=0.1))
+    why = f"CPU matmul bf16 {b16:.0f} vs fp32 {f32:.0f} GFLOP/s"
+    return ("bf16" if b16 >= AUTO_BF16_MIN_SPEEDUP * f32 else "no"), why
+
+
 def check_launcher_settings(dcfg: DistributedConfig, tcfg: TrainingConfig,
                             env: dict[str, str] | None = None) -> None:
     """Settings an ``accelerate launch`` passes through the environment, against the config.
@@ -124,6 +183,12 @@ class Backend:
         # Gradient accumulation is done by the loop itself (token-normalised), so accelerate
         # must not divide the loss by the number of micro-steps: gradient_accumulation_steps=1.
         check_launcher_settings(dcfg, tcfg)
+        if tcfg.mixed_precision == "auto":  # resolved once, here; the backend keeps the answer
+            import dataclasses
+
+            chosen, why = resolve_mixed_precision("auto", cpu)
+            log.info("training.mixed_precision auto -> %s (%s)", chosen, why)
+            tcfg = dataclasses.replace(tcfg, mixed_precision=chosen)  # type: ignore[arg-type]
         # The config's precision is passed explicitly: it wins over the launcher's (above).
         mp = tcfg.mixed_precision if dcfg.strategy != "deepspeed" else "no"
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mp)

@@ -146,8 +146,11 @@ def memory_report(cfg: Config, backend: Any, baseline_rss: int | None = None,
     caches: not an estimate check). The logged line says which is which. Never fails the run.
     """
     try:
+        import dataclasses
+
         from forgetkit.memory import estimate_for_config, measured_peak_bytes, memory_line
 
+        cfg = dataclasses.replace(cfg, training=backend.tcfg)  # the precision that trained
         sharded = backend.world_size > 1 and backend.name in ("fsdp", "deepspeed")
         est = estimate_for_config(cfg, backend.world_size,
                                   model=None if sharded else backend.unwrap(),
@@ -902,7 +905,10 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
              plan.global_batch)
 
     # -- which checkpoint to resume (rank 0 verifies manifests and identity; nothing written yet)
-    identity = (training_identity(cfg, world_size=backend.world_size, strategy=backend.name)
+    # runtime facts a checkpoint depends on beyond the config: the processes (global batch)
+    # and the precision training.mixed_precision 'auto' resolved to on this machine
+    identity = (training_identity(cfg, world_size=backend.world_size, strategy=backend.name,
+                                  mixed_precision=backend.tcfg.mixed_precision)
                 if backend.is_main else None)
 
     def pick() -> int:  # the checkpoint's step (>= 1), 0 for none
@@ -1139,6 +1145,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
     if backend.is_main:
         info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
         info.update(world_size=backend.world_size, strategy=backend.name,
+                    mixed_precision=backend.tcfg.mixed_precision,
                     n_train_examples=len(data.train), n_validation_examples=len(data.validation),
                     n_replay_pool=len(data.replay), global_batch=plan.global_batch,
                     identity_digest=identity_digest(identity) if identity else None,
