@@ -326,7 +326,7 @@ def _check_lora(cfg: Config) -> str:
 
     check_lora_config(cfg)
     found = check_lora_targets(cfg)
-    return f"LoRA r={cfg.training.lora.r}" + (f": {found}" if isinstance(found, str) else "")
+    return found if isinstance(found, str) and found else f"LoRA r={cfg.training.lora.r}"
 
 
 def _check_trackers(names: list[str]) -> str:

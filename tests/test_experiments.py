@@ -19,8 +19,14 @@ ALL_FILES = sorted(p for p in EXP.rglob("*.yaml") if "accelerate" not in p.parts
 
 
 def mitigations(cfg) -> list[str]:
-    """The regularizer types of a run, plus 'replay' when it mixes in replay data."""
-    return [x.type for x in cfg.regularizers] + (["replay"] if cfg.data.replay else [])
+    """The regularizer types of a run, plus 'replay' when it mixes in replay data, 'lora' /
+    'freeze' when it trains adapters / freezes weights, 'merge' when it scores merges."""
+    from forgetkit.config import FreezeConfig
+
+    return ([x.type for x in cfg.regularizers] + (["replay"] if cfg.data.replay else [])
+            + (["lora"] if cfg.training.lora else [])
+            + (["freeze"] if cfg.training.freeze != FreezeConfig() else [])
+            + (["merge"] if cfg.evaluation.merge else []))
 
 
 @pytest.mark.parametrize("name", ["smoke", "ewc_medical", "ewc_medical_sweep",
@@ -86,7 +92,9 @@ def test_experiment_files_use_no_legacy_spelling(path):
 
 @pytest.mark.parametrize("name,arms", [
     ("ewc_medical", {"naive": [], "replay10": ["replay"], "l2": ["l2"], "ewc": ["ewc"],
-                     "ewc_replay10": ["ewc", "replay"], "ewc_cliploss": ["ewc"]}),
+                     "ewc_replay10": ["ewc", "replay"], "ewc_cliploss": ["ewc"],
+                     "lora_r8": ["lora"], "lora_r64": ["lora"], "freeze_bottom": ["freeze"],
+                     "naive_merged": ["merge"]}),
     ("ewc_medical_full", {"naive": [], "l2@lambda=0.1": ["l2"], "l2@lambda=1.0": ["l2"],
                           "ewc@lambda=1000.0": ["ewc"], "ewc@lambda=10000.0": ["ewc"],
                           "replay10": ["replay"], "ewc+replay10": ["ewc", "replay"],
