@@ -58,8 +58,10 @@ test-matrix: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check forgetkit tests benchmarks
 
+# Every benchmark in one run (throughput vs HF Trainer, regularizer/KL overheads, memory
+# estimator), each printing its ratios measured side by side; then a summary of the ratios.
 bench: $(STAMP)
-	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf runs .pytest_cache
