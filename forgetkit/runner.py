@@ -546,6 +546,13 @@ def before_scores(cfg: Config, root: Path) -> tuple[dict[str, Any], bool]:
 _CHILD_ERROR = re.compile(r"(?:^|[^\w.\[-])forgetkit: (.+)")
 
 
+def _log_tail(path: Path, size: int = 1 << 16) -> str:
+    """The last ``size`` bytes of a log file, decoded."""
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - size))
+        return f.read().decode(errors="replace")
+
+
 def _child_error(text: str) -> str:
     """The training process's own error: the text of its last ``forgetkit: ...`` line (the
     faces print one line per user error or fault; a progress bar may precede it on the same
@@ -637,8 +644,11 @@ def train_stage(run: RunSpec, launcher: list[str]) -> dict[str, Any]:
         except KeyboardInterrupt:
             rest = _stop_group(proc)
             fh.write(rest)
-            tail.append(rest)
-            raise RunInterrupted(_child_error(b"".join(tail).decode(errors="replace"))) from None
+            fh.flush()
+            # The log file, not the in-memory tail: the interrupt can land between writing a
+            # chunk to the file and keeping it in the tail (the child's own line then lived
+            # only in the file, and a progress bar was shown as the reason).
+            raise RunInterrupted(_child_error(_log_tail(run.dir / "train_output.log"))) from None
         finally:
             _signal_group(proc.pid, signal.SIGKILL)  # what may be left of the group
     text = b"".join(tail).decode(errors="replace")
