@@ -526,3 +526,29 @@ def test_l2_ewc_kl_states_round_trip_without_pickle(tiny_cfg, tmp_path):
     again = run("cut")
     assert again.resumed_from == 2, again
     assert_same_weights(weights(full.out_dir), weights(again.out_dir))
+
+
+def test_ctrl_c_inside_a_dcp_save_is_an_interrupt_not_a_crash(tiny_cfg, tmp_path, monkeypatch):
+    """torch.distributed.checkpoint wraps a KeyboardInterrupt raised while it writes into its
+    CheckpointException (a BaseException): the loop still reports TrainingInterrupted with the
+    last good checkpoint, and leaves no temporary directory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from forgetkit.train.loop import TrainingInterrupted
+
+    real, calls = dcp.save, []
+
+    def save(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: "Ctrl-C" inside DCP's write
+            raise CheckpointException("save", {0: (KeyboardInterrupt(), None)})
+        return real(*a, **k)
+
+    monkeypatch.setattr(dcp, "save", save)
+    cfg = tiny_cfg(training={"max_steps": 4, "checkpoint_every": 1, "keep_checkpoints": 3},
+                   output={"dir": str(tmp_path / "run")})
+    with pytest.raises(TrainingInterrupted) as ei:
+        train(cfg, progress=False)
+    assert ei.value.checkpoint == 1, str(ei.value)
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))

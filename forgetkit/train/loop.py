@@ -699,6 +699,16 @@ def _free(directory: Path) -> str:
 NEARLY_FULL_BYTES = 1 << 20
 
 
+def _interrupt_inside(e: BaseException) -> bool:
+    """A KeyboardInterrupt wrapped by torch.distributed.checkpoint: its CheckpointException
+    (a BaseException) carries each rank's exception in ``failures``."""
+    failures = getattr(e, "failures", None)
+    if type(e).__name__ != "CheckpointException" or not isinstance(failures, dict):
+        return False
+    return any(isinstance(f[0] if isinstance(f, tuple) else f, KeyboardInterrupt)
+               for f in failures.values())
+
+
 @contextlib.contextmanager
 def _writing(directory: Path, *tmps: Path) -> Iterator[None]:
     """Remove ``tmps`` if the block fails (or is interrupted); name a full disk as such."""
@@ -873,6 +883,10 @@ def train(cfg: Config, regularizers: Sequence[Regularizer] | None = None, *,
             raise
         except KeyboardInterrupt:
             raise TrainingInterrupted(status.step, status.checkpoint) from None
+        except BaseException as e:
+            if _interrupt_inside(e):  # Ctrl-C while DCP saved/loaded: it wraps the interrupt
+                raise TrainingInterrupted(status.step, status.checkpoint) from None
+            raise
 
 
 def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | None,
