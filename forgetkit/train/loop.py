@@ -700,13 +700,28 @@ NEARLY_FULL_BYTES = 1 << 20
 
 
 def _interrupt_inside(e: BaseException) -> bool:
-    """A KeyboardInterrupt wrapped by torch.distributed.checkpoint: its CheckpointException
-    (a BaseException) carries each rank's exception in ``failures``."""
-    failures = getattr(e, "failures", None)
-    if type(e).__name__ != "CheckpointException" or not isinstance(failures, dict):
-        return False
-    return any(isinstance(f[0] if isinstance(f, tuple) else f, KeyboardInterrupt)
-               for f in failures.values())
+    """Whether a Ctrl-C is the root of ``e``: a KeyboardInterrupt in its chain of causes and
+    contexts, or in the per-rank failures of torch.distributed.checkpoint's CheckpointException
+    (a BaseException that wraps whatever a rank raised -- an interrupt inside ``torch.save``
+    even surfaces as a RuntimeError from the zip writer's clean-up, with the interrupt as its
+    context)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [e]
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, KeyboardInterrupt):
+            return True
+        todo += [c for c in (x.__cause__, x.__context__) if c is not None]
+        failures = getattr(x, "failures", None)
+        if type(x).__name__ == "CheckpointException" and isinstance(failures, dict):
+            for f in failures.values():
+                inner = f[0] if isinstance(f, tuple) else f
+                if isinstance(inner, BaseException):
+                    todo.append(inner)
+    return False
 
 
 @contextlib.contextmanager
