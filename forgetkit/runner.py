@@ -546,6 +546,14 @@ def before_scores(cfg: Config, root: Path) -> tuple[dict[str, Any], bool]:
 _CHILD_ERROR = re.compile(r"(?:^|[^\w.\[-])forgetkit: (.+)")
 
 
+def _end_line(last: bytes) -> None:
+    """End the training process's last stderr line (a progress bar has no newline), so the
+    runner's own message starts a line of its own."""
+    if last and not last.endswith((b"\n", b"\r")):
+        sys.stderr.buffer.write(b"\n")
+    sys.stderr.flush()
+
+
 def _log_tail(path: Path, size: int = 1 << 16) -> str:
     """The last ``size`` bytes of a log file, decoded."""
     with path.open("rb") as f:
@@ -641,10 +649,12 @@ def train_stage(run: RunSpec, launcher: list[str]) -> dict[str, Any]:
                 fh.write(chunk)
                 tail.append(chunk)
             rc = proc.wait()
+            _end_line(tail[-1] if tail else b"\n")
         except KeyboardInterrupt:
             rest = _stop_group(proc)
             fh.write(rest)
             fh.flush()
+            _end_line(tail[-1] if tail else b"\n")  # what was shown ends its line
             # The log file, not the in-memory tail: the interrupt can land between writing a
             # chunk to the file and keeping it in the tail (the child's own line then lived
             # only in the file, and a progress bar was shown as the reason).
