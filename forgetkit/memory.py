@@ -450,21 +450,9 @@ def shape_from_model(model: Any) -> ModelShape:
 
 
 def _hf_config_from_model_cfg(mc: Any) -> Any:
-    from transformers import AutoConfig
+    from forgetkit.models import hf_config
 
-    if mc.random_init is not None:
-        spec = dict(mc.random_init)
-        model_type = spec.pop("model_type")
-        if "vocab_size" not in spec and mc.tokenizer in ("byte", None):
-            spec["vocab_size"] = 259  # forgetkit.models.build_byte_tokenizer
-        return AutoConfig.for_model(model_type, **spec)
-    from forgetkit.models import resolve_model_path
-
-    path, _ = resolve_model_path(mc.name_or_path)
-    kw: dict[str, Any] = {"trust_remote_code": mc.trust_remote_code}
-    if mc.revision:
-        kw["revision"] = mc.revision
-    return AutoConfig.from_pretrained(path, **kw)
+    return hf_config(mc)
 
 
 def _trainable_without_weights(cfg: Config) -> int | None:

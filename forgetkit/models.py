@@ -351,3 +351,25 @@ def save_merged_lora(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path
         model.save_pretrained(str(adapter_dir), safe_serialization=True)
     merged = model.merge_and_unload()
     return save_hf_checkpoint(merged, tokenizer, out_dir)
+
+
+def hf_config(cfg: ModelConfig) -> Any:
+    """The transformers config of ``cfg``'s model without loading weights: built from
+    ``random_init`` (vocab 259 with the byte tokenizer), else read from the resolved local
+    directory, hub id or GGUF file. Used to build meta-device models (memory, LoRA checks)."""
+    from transformers import AutoConfig
+
+    if cfg.random_init is not None:
+        spec = dict(cfg.random_init)
+        model_type = spec.pop("model_type")
+        if "vocab_size" not in spec and cfg.tokenizer in ("byte", None):
+            spec["vocab_size"] = 259  # build_byte_tokenizer
+        return AutoConfig.for_model(model_type, **spec)
+    path, gguf = resolve_model_path(cfg.name_or_path)  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if gguf or cfg.gguf_file:
+        kw["gguf_file"] = gguf or cfg.gguf_file
+    if cfg.revision:
+        kw["revision"] = cfg.revision
+    return AutoConfig.from_pretrained(path, **kw)
+

@@ -1,12 +1,7 @@
 """training.freeze on a tiny random-init Llama: what is frozen, that it stays bitwise at the base
 through training (weight decay, L2-SP, coupled and decoupled), that the optimizer holds no state
-for it, and the config errors.
-
-Until ``forgetkit/train/loop.py`` calls :func:`apply_freeze` itself (issue 16: the lead adds it
-right after ``load_model``), the :func:`run` helper applies it at exactly that point by wrapping
-the loop's ``load_model``; once the loop is wired (``WIRED``) the helper changes nothing and the
-tests run the loop as it is. The tests that read what only the wired loop writes
-(``train_result.json``, the 2-process runs) are skipped until then.
+for it, and the config errors. The tests run the loop as it is (it calls :func:`apply_freeze`
+right after ``load_model``).
 """
 
 from __future__ import annotations
@@ -14,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,10 +21,6 @@ from forgetkit.models import load_model
 from forgetkit.train import loop as loop_mod
 from forgetkit.train.freeze import FreezeSummary, apply_freeze, check_freeze, decoder_module_list
 from forgetkit.train.optim import param_groups
-
-WIRED = "apply_freeze" in Path(loop_mod.__file__).read_text()
-not_wired = pytest.mark.skipif(not WIRED, reason="forgetkit/train/loop.py does not call "
-                               "apply_freeze yet (issue 16: the lead wires it)")
 
 FREEZE = {"embeddings": True, "bottom_layers": 1, "patterns": [r"layers\.1\.self_attn\.q_proj"]}
 
@@ -46,15 +36,6 @@ def run(cfg: Any, monkeypatch: pytest.MonkeyPatch, regularizers: Any = None
     """Train ``cfg`` with the loop; returns (TrainResult, captured) where captured holds the
     ``named`` parameters the loop passed to ``param_groups`` and the ``optimizer`` it built."""
     captured: dict[str, Any] = {}
-    if not WIRED:  # the lead's line: apply_freeze(model, cfg) right after load_model
-        real_load = loop_mod.load_model
-
-        def load_and_freeze(mcfg: Any, *a: Any, **k: Any) -> Any:
-            model, tok = real_load(mcfg, *a, **k)
-            apply_freeze(model, cfg)
-            return model, tok
-
-        monkeypatch.setattr(loop_mod, "load_model", load_and_freeze)
     real_groups, real_build = loop_mod.param_groups, loop_mod.build_optimizer
 
     def groups(named: Any, t: Any) -> Any:
@@ -190,7 +171,6 @@ def test_resume_with_frozen_parameters(tiny_cfg, monkeypatch, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@not_wired
 def test_train_result_reports_the_freeze(tiny_cfg):
     cfg = tiny_cfg(training={"freeze": FREEZE, "max_steps": 1})
     res = loop_mod.train(cfg, progress=False)
@@ -267,7 +247,6 @@ def test_freeze_summary_default_is_empty():
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@not_wired
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
 def test_two_processes_freeze_like_one(strategy, tmp_path):
     """2 processes x micro 2 x accumulation 2 against 1 x 2 x 4 (the same global batch, see

@@ -195,27 +195,15 @@ def check_lora_targets(cfg: Config) -> str:
     Raises:
         ConfigError: as :func:`check_lora_config`, or a target name that fits no module.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from forgetkit.models import resolve_model_path
+    from forgetkit.models import hf_config
 
     check_lora_config(cfg)
     lcfg = cfg.training.lora
     if lcfg is None:
         return "no LoRA"
-    m = cfg.model
-    if m.random_init is not None:
-        spec = dict(m.random_init)
-        spec.setdefault("vocab_size", 259)
-        config = AutoConfig.for_model(str(spec.pop("model_type")), **spec)
-    else:
-        path, gguf = resolve_model_path(m.name_or_path)  # type: ignore[arg-type]
-        kw: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
-        if gguf or m.gguf_file:
-            kw["gguf_file"] = gguf or m.gguf_file
-        if m.revision:
-            kw["revision"] = m.revision
-        config = AutoConfig.from_pretrained(path, **kw)
+    config = hf_config(cfg.model)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     problem = target_problems(model, list(lcfg.target_modules))
