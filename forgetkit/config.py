@@ -427,6 +427,22 @@ class EvaluationConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """How the results are analysed (forgetkit.results): read from the results, never part of a
+    run's identity -- changing it recomputes tables, not runs."""
+
+    headline: list[str] = _f(factory=list, doc="general metrics the tables and figures lead "
+                             "with (besides the unit-free aggregate std_forgetting)")
+    aggregate_exclude: list[str] = _f(factory=list, doc="general metrics left out of "
+                                      "std_forgetting (e.g. a benchmark that cannot move)")
+    reference_arm: str | None = _f(None, doc="the arm whose curve (WiSE-FT alphas, or its "
+                                   "grid over one key) gives the matched-gain comparison")
+    n_boot: int = _f(2000, ge=100, doc="bootstrap replicates of every paired CI")
+    confidence: float = _f(0.95, gt=0.5, lt=1.0)
+    boot_seed: int = _f(0, doc="seed of the bootstrap's item/seed resampling")
+
+
+@dataclass
 class ArmSpec:
     """One arm of an experiment: a name and ``section.key: value`` overrides of the base."""
 
@@ -458,6 +474,7 @@ class Config:
     regularizers: list[RegularizerConfig] = _f(factory=list)
     evaluation: EvaluationConfig = _f(factory=EvaluationConfig)
     experiment: ExperimentOptions = _f(factory=ExperimentOptions)
+    analysis: AnalysisConfig = _f(factory=AnalysisConfig)
 
     def output_dir(self) -> Path:
         return Path(self.output.dir.format(name=self.name))
@@ -888,6 +905,14 @@ def _config_check(self: Config, where: str, src: str) -> None:
                 raise ConfigError(f"{src}: {key}: {m.name!r} is already the name of "
                                   f"{seen[m.name]}; metric names must be unique (set name:)")
             seen[m.name] = key.removesuffix(".name")
+    general = [m.name for m in self.evaluation.general]
+    for key in ("headline", "aggregate_exclude"):
+        for i, n in enumerate(getattr(self.analysis, key)):
+            if n not in general:
+                near = difflib.get_close_matches(n, general, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ConfigError(f"{src}: analysis.{key}[{i}]: {n!r} is not a general metric "
+                                  f"(evaluation.general: {', '.join(general) or 'none'}){hint}")
     if self.training.clip_scope == "loss" and self.distributed.strategy == "deepspeed":
         raise ConfigError(f"{src}: training.clip_scope: 'loss' is not possible with "
                           "distributed.strategy 'deepspeed' (the engine clips inside its step, "

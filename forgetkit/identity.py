@@ -56,6 +56,8 @@ NON_IDENTITY_KEYS: tuple[str, ...] = (
     "experiment.seeds",
     "experiment.results_dir",
     "experiment.keep_checkpoints",
+    # how results are analysed (headline, bootstrap settings): read from the results, after
+    "analysis.",
 )
 
 # What a run's numbers depend on beyond its config and data files: forgetkit's own computation.

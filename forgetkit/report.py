@@ -39,16 +39,17 @@ from typing import Any
 
 from forgetkit.cli import guarded
 from forgetkit.config import ConfigError
-from forgetkit.eval.forgetting import forgetting
 from forgetkit.results import read_json, write_json, write_text
+from forgetkit.results.forgetting import forgetting
 
 CURVE_POINTS = 200
 CURVES_FILE = "train_curves.json"
 
-# Summary measures of the main table: (column, header, higher_is_better).
+# Summary measures of the main table after the headline ones: (column, header, hib).
 MAIN_COLUMNS = [
     ("task_gain", "Task gain", True),
-    ("mean_forgetting", "Forgetting", False),
+    ("std_forgetting", "Std. forgetting", False),
+    ("excess_std_forgetting", "Excess std. forgetting at matched gain", False),
     ("mean_rel_forgetting", "Rel. forgetting", False),
     ("retention_ratio", "Retention", True),
 ]
@@ -68,6 +69,9 @@ class Results:
     agg: dict[str, dict[str, Any]]             # arm -> summary_agg.csv row, in display order
     columns: dict[str, dict[str, Any]]         # columns.json
     grid: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> {grid key: value}
+    headline: list[str] = field(default_factory=list)  # analysis.headline (general metrics)
+    reference: str | None = None                # analysis.reference_arm (matched gain)
+    points: list[dict[str, Any]] = field(default_factory=list)  # points_agg.csv rows
 
     @property
     def arms(self) -> list[str]:
@@ -126,8 +130,10 @@ def load_results(root: Path | str) -> Results:
         agg_rows = (_records(root / "summary_agg.csv") if (root / "summary_agg.csv").exists()
                     else [])
         columns = read_json(root / "columns.json") if (root / "columns.json").exists() else {}
+        if isinstance(columns.get("metrics"), dict) and isinstance(columns.get("columns"), dict):
+            columns = columns["metrics"]  # columns.json since 2026-12-02: metrics + column docs
     else:
-        from forgetkit.summary import aggregate, collect
+        from forgetkit.results.summary import aggregate, collect
 
         rows, columns = collect(root)
         if not rows:
@@ -148,7 +154,13 @@ def load_results(root: Path | str) -> Results:
             grid.setdefault(str(a["arm"]), g)
     by_arm = {str(a["arm"]): a for a in agg_rows}
     agg = {a: by_arm[a] for a in order_arms(list(by_arm), grid)}
-    return Results(root.name, root, rows, agg, columns, grid)
+    from forgetkit.results.summary import load_analysis
+
+    analysis = load_analysis(root)
+    points = (_records(root / "points_agg.csv") if (root / "points_agg.csv").exists() else [])
+    return Results(root.name, root, rows, agg, columns, grid,
+                   headline=[m for m in analysis.headline if m in columns],
+                   reference=analysis.reference_arm, points=points)
 
 
 # ----------------------------------------------------------------------------- units, format
@@ -190,6 +202,29 @@ def fmt(v: Any, decimals: int) -> str:
     return "0" + s[2:] if s.startswith("-0") and float(s) == 0 else s  # no "-0.000"
 
 
+def main_columns(res: Results) -> list[tuple[str, str, bool]]:
+    """The main table's columns: task gain, the declared headline forgettings, the unit-free
+    aggregate and the matched-gain excess (where the results have them), then the unpaired
+    relative measures."""
+    cols = [MAIN_COLUMNS[0]]
+    cols += [(f"{m}_forgetting", f"Forgetting: {m}", False) for m in res.headline]
+    cols += [c for c in MAIN_COLUMNS[1:] if _has(res, c[0])]
+    if res.reference:
+        cols += [(f"excess_{m}_forgetting", f"Excess {m} forgetting at matched gain", False)
+                 for m in res.headline if _has(res, f"excess_{m}_forgetting")]
+    return [c for c in cols if _has(res, c[0])]
+
+
+def _has(res: Results, col: str) -> bool:
+    return any(_as_float(_mean(a, col)) is not None for a in res.agg.values())
+
+
+def _mean(a: dict[str, Any], col: str) -> Any:
+    """An arm's value of a column: its mean over seeds, or the column itself (the matched-gain
+    columns are computed once per arm)."""
+    return a.get(f"{col}_mean", a.get(col))
+
+
 def _hib(res: Results, col: str) -> bool:
     for c, _, h in MAIN_COLUMNS:
         if col == c:
@@ -221,7 +256,7 @@ def build_table(res: Results, name: str, cols: list[tuple[str, str, bool]], capt
     best: list[float | None] = []
     for c, _, hib in cols:
         d = precision(c)
-        vals = [_as_float(a.get(f"{c}_mean")) for a in res.agg.values()]
+        vals = [_as_float(_mean(a, c)) for a in res.agg.values()]
         vals_r = [round(v, d) for v in vals if v is not None]
         best.append((max(vals_r) if hib else min(vals_r)) if vals_r else None)
     if base_row is not None:
@@ -232,23 +267,52 @@ def build_table(res: Results, name: str, cols: list[tuple[str, str, bool]], capt
         cells, b = [f"{arm} (n={int(n)})" if _as_float(n) is not None else arm], [False]
         for (c, _, _), bv in zip(cols, best, strict=True):
             d = precision(c)
-            m, h = _as_float(a.get(f"{c}_mean")), _as_float(a.get(f"{c}_ci95"))
-            cells.append("n/a" if m is None else
-                         fmt(m, d) + (f" ± {fmt(h, d)}" if h is not None else ""))
+            m = _as_float(_mean(a, c))
+            cells.append(cell(a, c, d))
             b.append(m is not None and bv is not None and round(m, d) == bv)
         rows.append(cells)
         bold.append(b)
     return Table(name, caption, headers, rows, bold, [c for c, _, _ in cols])
 
 
+def cell(a: dict[str, Any], c: str, d: int) -> str:
+    """``mean [lo, hi]`` where the results have a paired/crossed bootstrap CI of the column,
+    else ``mean ± t-CI`` over seeds, else the mean alone."""
+    m = _as_float(_mean(a, c))
+    if m is None:
+        return "n/a"
+    lo, hi = _as_float(a.get(f"{c}_lo")), _as_float(a.get(f"{c}_hi"))
+    if lo is not None and hi is not None:
+        return f"{fmt(m, d)} [{fmt(lo, d)}, {fmt(hi, d)}]"
+    h = _as_float(a.get(f"{c}_ci95"))
+    return fmt(m, d) + (f" ± {fmt(h, d)}" if h is not None else "")
+
+
+def _paired(res: Results) -> bool:
+    return any(_as_float(a.get("task_gain_lo")) is not None for a in res.agg.values())
+
+
+def ci_note(res: Results) -> str:
+    if _paired(res):
+        return ("mean over seeds [95 % CI: paired bootstrap over items, crossed with the seeds "
+                "when there are several]")
+    return "mean ± 95 % CI over seeds (t-distribution)"
+
+
 def tables(res: Results) -> list[Table]:
     gen = res.metrics("general")
-    gen_unit = _common_unit(res, gen) if gen else "n/a"
-    out = [build_table(res, "main", MAIN_COLUMNS,
-                       "Summary per arm: mean ± 95 % CI over seeds (t-distribution). Task gain = "
-                       f"improvement of {_first_task_unit(res)}; forgetting = "
-                       f"mean drop over the general benchmarks ({gen_unit}); relative "
-                       "forgetting = drop / before; retention = after / before.")]
+    excl = ""
+    head = "".join(f" Forgetting: {m} = its drop ({metric_unit(res.columns[m])}; positive = "
+                   "forgot)." for m in res.headline)
+    matched = (f" Excess at matched gain = forgetting minus that of {res.reference}'s WiSE-FT "
+               "curve at the same task gain (negative = forgot less)."
+               if res.reference and _has(res, "excess_std_forgetting") else "")
+    out = [build_table(res, "main", main_columns(res),
+                       f"Summary per arm: {ci_note(res)}. Task gain = improvement of "
+                       f"{_first_task_unit(res)}.{head} Std. forgetting = mean over the "
+                       f"{len(gen)} general benchmarks{excl} of drop / the base model's per-item "
+                       f"SD (unit-free).{matched} Relative forgetting = drop / before; "
+                       "retention = after / before (unpaired).")]
     metrics = res.metrics()
     if metrics:
         first = next(iter(res.agg.values()), {})
@@ -260,13 +324,14 @@ def tables(res: Results) -> list[Table]:
         cols = [(f"{m}_after", f"{m} [{res.columns[m].get('role')}]",
                  bool(res.columns[m].get("higher_is_better", True))) for m in metrics]
         out.append(build_table(res, "benchmarks", cols,
-                               "Scores after fine-tuning, mean ± 95 % CI over seeds; first row: "
-                               "the base model. Units: " + _units_note(res), base_row=base))
+                               "Scores after fine-tuning, mean ± 95 % CI over seeds "
+                               "(t-distribution); first row: the base model. Units: "
+                               + _units_note(res), base_row=base))
         cols = [(f"{m}_delta", f"Δ {m}", bool(res.columns[m].get("higher_is_better", True)))
                 for m in metrics]
         out.append(build_table(res, "deltas", cols,
-                               "Change after - before per metric, mean ± 95 % CI over seeds "
-                               "(in each metric's unit: " + _units_note(res) + ")."))
+                               f"Change after - before per metric, {ci_note(res)} (in each "
+                               "metric's unit: " + _units_note(res) + ")."))
     return out
 
 
@@ -474,74 +539,140 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
     return [n for _, n in sorted(front)]
 
 
-def _forgetting(res: Results, metric: str | None, arm: str) -> tuple[float | None, Any]:
-    """(forgetting mean, CI) of an arm: the mean over the general suite (``metric`` None) or one
-    general metric's forgetting, from its mean raw delta (after - before; linear, so the
-    forgetting of the mean is the mean forgetting)."""
-    a = res.agg[arm]
-    if metric is None:
-        return _as_float(a.get("mean_forgetting_mean")), a.get("mean_forgetting_ci95")
-    d = _as_float(a.get(f"{metric}_delta_mean"))
-    hib = bool(res.columns[metric].get("higher_is_better", True))
-    return (None if d is None else forgetting(0.0, d, hib)), a.get(f"{metric}_delta_ci95")
+def _err(a: dict[str, Any], col: str, m: float) -> tuple[float, float]:
+    """(below, above) error-bar lengths: from the bootstrap CI [lo, hi] when present, else the
+    symmetric t-CI over seeds, else none."""
+    lo, hi = _as_float(a.get(f"{col}_lo")), _as_float(a.get(f"{col}_hi"))
+    if lo is not None and hi is not None:
+        return max(m - lo, 0.0), max(hi - m, 0.0)
+    h = _ci(a.get(f"{col}_ci95"))
+    return h, h
+
+
+def forgetting_column(res: Results, metric: str | None) -> tuple[str, str]:
+    """(column, axis label) of the forgetting measure a Pareto plot uses: one general metric's
+    forgetting, or (``metric`` None) the unit-free std_forgetting -- the relative drop for results
+    without per-item scores."""
+    if metric is not None:
+        change = "drop" if res.columns[metric].get("higher_is_better", True) else "rise"
+        col = f"{metric}_forgetting" if _has(res, f"{metric}_forgetting") else f"{metric}_delta"
+        return col, f"forgetting on {metric} ({change}, {metric_unit(res.columns[metric])})"
+    gen = res.metrics("general")
+    if _has(res, "std_forgetting"):
+        return "std_forgetting", (f"std. forgetting: mean over {len(gen)} general benchmarks "
+                                  "of drop / base per-item SD")
+    return "mean_rel_forgetting", f"relative forgetting: mean over {len(gen)} general drop/before"
+
+
+def _fval(res: Results, a: dict[str, Any], col: str, metric: str | None) -> float | None:
+    v = _as_float(_mean(a, col))
+    if v is not None and metric is not None and col == f"{metric}_delta":
+        return forgetting(0.0, v, bool(res.columns[metric].get("higher_is_better", True)))
+    return v
 
 
 def fig_pareto(res: Results, out: Path, colors: dict[str, Any],
                metric: str | None = None) -> Figure | str:
-    """Task gain against forgetting: the mean over the general suite, or one general metric
-    (``pareto_<metric>``; drawn for NLL metrics when the suite mixes units)."""
+    """Task gain against forgetting (std_forgetting, or one general metric: ``pareto_<metric>``),
+    one point per arm with its CI; the scored merges and WiSE-FT points of an arm (small
+    markers, joined to the arm's point) on the same axes."""
     plt = _plt()
     stem = "pareto" if metric is None else f"pareto_{metric}"
+    col, ylabel = forgetting_column(res, metric)
     pts = []
     for arm, a in res.agg.items():
-        g, (f, _) = _as_float(a.get("task_gain_mean")), _forgetting(res, metric, arm)
+        g, f = _as_float(_mean(a, "task_gain")), _fval(res, a, col, metric)
         if g is not None and f is not None:
             pts.append((arm, g, f))
     if not pts:
         return f"{stem}: no arm has both a task gain and a forgetting value"
-    fig, ax = plt.subplots(figsize=(7, 5))
+    extra: dict[str, list[tuple[str, float, float, dict[str, Any]]]] = {}
+    for p in res.points:
+        if str(p.get("point")) == "final" or str(p.get("arm")) not in res.agg:
+            continue
+        g, f = _as_float(_mean(p, "task_gain")), _fval(res, p, col, metric)
+        if g is not None and f is not None:
+            extra.setdefault(str(p["arm"]), []).append((str(p["point"]), g, f, p))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.axhline(0, color="0.5", lw=0.8, zorder=0)
     ax.axvline(0, color="0.5", lw=0.8, zorder=0)
-    front = pareto_front(pts)
-    fx = [g for n in front for a, g, _ in pts if a == n]
-    fy = [f for n in front for a, _, f in pts if a == n]
-    ax.plot(fx, fy, "--", color="0.35", lw=1.2, zorder=1, label="Pareto frontier")
+    allpts = pts + [(f"{arm}+{n}", g, f) for arm, e in extra.items() for n, g, f, _ in e]
+    front = pareto_front(allpts)
+    where = {n: (g, f) for n, g, f in allpts}
+    ax.plot([where[n][0] for n in front], [where[n][1] for n in front], "--", color="0.35",
+            lw=1.2, zorder=1, label="Pareto frontier")
     for arm, g, f in pts:
         a = res.agg[arm]
         naive = arm == NAIVE
-        ax.errorbar(g, f, xerr=_ci(a.get("task_gain_ci95")),
-                    yerr=_ci(_forgetting(res, metric, arm)[1]),
+        ax.errorbar(g, f, xerr=[[v] for v in _err(a, "task_gain", g)],
+                    yerr=[[v] for v in _err(a, col, f)],
                     fmt="*" if naive else "o", ms=14 if naive else 7, color=colors[arm],
                     ecolor=colors[arm], elinewidth=1, capsize=3, zorder=3,
                     mec="black" if naive else colors[arm], label=arm + (" (no regularizer)"
                                                                         if naive else ""))
-        ax.annotate(arm, (g, f), xytext=(6, 6), textcoords="offset points", fontsize=8,
-                    fontweight="bold" if naive else "normal")
+        for n, g2, f2, p in sorted(extra.get(arm, []), key=lambda e: e[1]):
+            ax.plot([g2, g], [f2, f], ":", color=colors[arm], lw=1, zorder=2)
+            ax.errorbar(g2, f2, xerr=[[v] for v in _err(p, "task_gain", g2)],
+                        yerr=[[v] for v in _err(p, col, f2)], fmt="s" if n.startswith(
+                            "merge:") else "D", ms=5, color=colors[arm], ecolor=colors[arm],
+                        elinewidth=0.8, capsize=2, zorder=3, alpha=0.85)
+    if extra:
+        ax.plot([], [], "D", color="0.4", ms=5, label="WiSE-FT point of the arm (dotted)")
+        ax.plot([], [], "s", color="0.4", ms=5, label="merge of the arm (dotted)")
+    _label_points(ax, [(arm, g, f) for arm, g, f in pts] +
+                  [(n.split(":", 1)[1] if n.startswith("wise:") else n.split(":", 1)[1], g, f)
+                   for e in extra.values() for n, g, f, _ in e])
+    xs = [g for _, g, _ in allpts] + [0.0]
+    ys = [f for _, _, f in allpts] + [0.0]
+    _fit_axes(ax, xs, ys)
     ax.set_xlabel(f"task gain: Δ {_first_task_unit(res)}  (→ better)")
-    if metric is None:
-        gen = res.metrics("general")
-        ax.set_ylabel(f"mean forgetting over {len(gen)} general benchmarks\n"
-                      f"(drop, {_common_unit(res, gen) if gen else 'n/a'})  (↓ better)")
-        what = "mean forgetting"
-    else:
-        change = "drop" if res.columns[metric].get("higher_is_better", True) else "rise"
-        ax.set_ylabel(f"forgetting on {metric}\n({change}, {metric_unit(res.columns[metric])})"
-                      "  (↓ better)")
-        what = f"forgetting on {metric}"
-    ax.set_title(f"{res.name}: learning vs {what} (mean ± 95 % CI over seeds)")
-    ax.legend(loc="best", framealpha=0.9)
+    ax.set_ylabel(_wrap(ylabel) + "  (↓ better)")
+    what = "std. forgetting" if col == "std_forgetting" else (
+        f"forgetting on {metric}" if metric else "relative forgetting")
+    ax.set_title(f"{res.name}: learning vs {what}")
+    ax.legend(loc="best", framealpha=0.9, fontsize=8)
+    fig.tight_layout()
     _save(fig, out, stem)
-    return Figure(stem, f"Task gain vs {what} per arm (mean ± 95 % CI over seeds); dashed: "
-                        "Pareto frontier (lower right is better); star: naive fine-tuning.")
+    return Figure(stem, f"Task gain vs {what} per arm ({ci_note(res)}); dashed: Pareto "
+                        "frontier (lower right is better); star: naive fine-tuning; diamonds and "
+                        "squares: WiSE-FT points and merges of an arm, joined to it.")
 
 
-def nll_paretos(res: Results) -> list[str]:
-    """General NLL metrics that get their own Pareto plot: those of a suite with mixed units,
-    where the mean forgetting adds nats to accuracy points."""
+def _wrap(text: str, width: int = 48) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def _fit_axes(ax: Any, xs: list[float], ys: list[float]) -> None:
+    """Axes fitted to the data (with the origin, where the base model sits) plus a margin."""
+    for lim, vals in ((ax.set_xlim, xs), (ax.set_ylim, ys)):
+        lo, hi = min(vals), max(vals)
+        pad = 0.08 * (hi - lo) if hi > lo else 0.05 * (abs(hi) or 1.0)
+        lim(lo - pad, hi + pad)
+
+
+def _label_points(ax: Any, pts: list[tuple[str, float, float]]) -> None:
+    """Text labels beside points, nudged apart vertically where they would overlap."""
+    placed: list[tuple[float, float]] = []
+    trans = ax.transData
+    for name, g, f in sorted(pts, key=lambda p: (p[2], p[1])):
+        x, y = trans.transform((g, f))
+        dy = 6.0
+        while any(abs(x - px) < 60 and abs(y + dy - py) < 10 for px, py in placed):
+            dy += 10.0
+        placed.append((x, y + dy))
+        ax.annotate(name, (g, f), xytext=(6, dy), textcoords="offset points", fontsize=7.5)
+
+
+def headline_paretos(res: Results) -> list[str]:
+    """General metrics that get their own Pareto plot: the declared headline metrics, and the
+    NLL metrics of a suite with mixed units."""
     gen = res.metrics("general")
-    if len({metric_unit(res.columns[m]) for m in gen}) < 2:
-        return []
-    return [m for m in gen if res.columns[m].get("metric") == "nll"]
+    out = list(res.headline)
+    if len({metric_unit(res.columns[m]) for m in gen}) >= 2:
+        out += [m for m in gen if res.columns[m].get("metric") == "nll" and m not in out]
+    return out
 
 
 def fig_benchmarks(res: Results, out: Path, colors: dict[str, Any]) -> Figure | str:
@@ -674,10 +805,9 @@ def fig_sweeps(res: Results, out: Path, colors: dict[str, Any]) -> list[Figure |
     plt = _plt()
     figs: list[Figure | str] = []
     task = res.metrics("task")
-    gen = res.metrics("general")
+    fcol, flabel = forgetting_column(res, None)
     panels = [("task_gain", f"task gain (Δ {_first_task_unit(res)}) ↑"),
-              ("mean_forgetting", f"mean forgetting ({_common_unit(res, gen) if gen else 'n/a'})"
-                                  " ↓")]
+              (fcol, _wrap(flabel, 40) + " ↓")]
     for (base, key), pts in sweeps.items():
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         xs = [x for x, _ in pts]
@@ -703,8 +833,9 @@ def fig_sweeps(res: Results, out: Path, colors: dict[str, Any]) -> list[Figure |
         fig.tight_layout()
         stem = f"sweep_{_slug(base)}_{_slug(key.split('.')[-1])}"
         _save(fig, out, stem)
-        figs.append(Figure(stem, f"{base}: task gain and mean forgetting against {key} "
-                                 "(mean ± 95 % CI over seeds); dashed: naive fine-tuning."))
+        figs.append(Figure(stem, f"{base}: task gain and {fcol.replace('_', ' ')} against "
+                                 f"{key} (mean ± 95 % CI over seeds); dashed: naive "
+                                 "fine-tuning."))
     return figs
 
 
@@ -808,7 +939,7 @@ def make_figures(res: Results, out: Path, curves: dict[str, Any] | None) -> Repo
     colors = arm_colors(res.arms + [a for a in (curves or {}).get("arms", {})
                                     if a not in res.agg])
     items: list[Figure | str] = [fig_pareto(res, out, colors)]
-    items += [fig_pareto(res, out, colors, m) for m in nll_paretos(res)]
+    items += [fig_pareto(res, out, colors, m) for m in headline_paretos(res)]
     items += [fig_benchmarks(res, out, colors), fig_curves(res, out, colors, curves)]
     items += fig_sweeps(res, out, colors)
     items += [fig_drift(res, out, colors), fig_fisher(res, out, colors)]

@@ -507,7 +507,7 @@ def eval_cache_key(cfg: Config) -> str:
     return _hash({"model": base_model_identity(cfg), "evaluation": ev, "seed": EVAL_SEED,
                   "data": _data_digests([s.data for s in specs],
                                         [s.include_path for s in specs]),
-                  "format": 2})
+                  "format": 3})  # 3: records carry per-item scores (``items``)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -761,6 +761,14 @@ def train_warnings(train: dict[str, Any]) -> list[str]:
             "stopped learning; check training.lr, the data's target tokens and the regularizers"]
 
 
+def without_items(scores: Any) -> Any:
+    """A copy of an evaluation tree without the per-item scores (``items``): summary.json stays
+    small; the items stay in eval_before.json / eval_after.json beside it."""
+    if isinstance(scores, dict):
+        return {k: without_items(v) for k, v in scores.items() if k != "items"}
+    return scores
+
+
 def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
     run.dir.mkdir(parents=True, exist_ok=True)
     write_text(run.dir / "config.yaml", dump_config(run.cfg))
@@ -791,7 +799,8 @@ def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
                "fisher": [(r.fisher_data.path or r.fisher_data.name) if r.fisher_data else None
                           for r in run.cfg.regularizers if r.type == "ewc"]}
     return {"status": "ok", "arm": run.arm, "seed": run.seed, "grid": run.grid,
-            "before_cache_hit": hit, "before": before, "after": after, "train": train,
+            "before_cache_hit": hit, "before": without_items(before),
+            "after": without_items(after), "train": train,
             "warnings": train_warnings(train),
             "regularizers": [config_to_dict(r) for r in run.cfg.regularizers],
             "data_sources": sources, "wall_time_s": time.perf_counter() - t0}
@@ -895,7 +904,7 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
     """
     from forgetkit.locking import dir_lock
     from forgetkit.preflight import raise_on_problems
-    from forgetkit.summary import write_tables
+    from forgetkit.results.summary import ANALYSIS_FILE, write_tables
 
     src = src or f"experiment '{base.name}'"
     raise_on_problems(preflight_checks(runs) if checks is None else checks, src)
@@ -907,6 +916,8 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
         for w in _orphaned_replacements(runs, root):
             log.warning("%s", w)
             outcome.warnings.append(w)
+        # the analysis settings the tables are computed with (forgetkit.results.summary)
+        write_json(root / ANALYSIS_FILE, config_to_dict(base.analysis))
         write_json(root / "plan.json", {"experiment": base.name,
                                         "runs": [{"arm": r.arm, "seed": r.seed, "grid": r.grid,
                                                   "dir": str(r.dir)} for r in runs]})
@@ -965,7 +976,7 @@ def _one_run(run: RunSpec, head: str, root: Path, opts: Any, aside: Path | None,
              old_finished: bool, stamp: str, outcome: Outcome) -> None:
     """One run: train and score, record the summary, then keep or put back what --force set
     aside. Failures are recorded in ``outcome``; an interrupt propagates to the caller."""
-    from forgetkit.summary import write_tables
+    from forgetkit.results.summary import write_tables
 
     try:
         summary = run_one(run, root, opts.launcher)

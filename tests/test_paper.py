@@ -20,7 +20,7 @@ from forgetkit.paper import (
     main,
     update_tables,
 )
-from forgetkit.summary import write_tables
+from forgetkit.results.summary import write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_GAIN = T2 * 0.01 / 3 ** 0.5  # naive task gain 0.10, 0.11, 0.12
@@ -40,9 +40,9 @@ def results(results_dir: Path) -> dict:
 
 GOOD = f"""# Results
 Naive gained <!-- fk: ewc_medical/naive/task_gain_mean -->0.110 ± {CI_GAIN:.3f} and forgot
-<!-- fk: ewc_medical/naive/mean_forgetting_mean -->0.07 points, i.e.
-<!-- fk: ewc_medical/naive/mean_forgetting_mean x100 -->7.0 %; EWC at λ = 1000 forgot
-<!-- fk: ewc_medical/ewc@lambda=1000.0/mean_forgetting_mean -->0.005 over
+<!-- fk: ewc_medical/naive/mean_rel_forgetting_mean -->0.12 of its score, i.e.
+<!-- fk: ewc_medical/naive/mean_rel_forgetting_mean x100 -->12.0 %; EWC at λ = 1000 forgot
+<!-- fk: ewc_medical/ewc@lambda=1000.0/mean_rel_forgetting_mean -->0.008 over
 <!-- fk: ewc_medical/ewc@lambda=1000.0/n_seeds -->3 seeds
 (l2: <!-- fk: ewc_medical/l2/n_seeds -->2).
 Delta: <!-- fk: ewc_medical/naive/med_nll_delta_mean -->−0.50 nats.
@@ -73,8 +73,8 @@ def test_consistent_text_passes(results: dict, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad, needle", [
     ("-->0.110 ± ", "-->0.111 ± "),                       # mean off by one digit
-    ("-->0.07 points", "-->0.08 points"),                 # 2 decimals: 0.07 ok, 0.08 not
-    ("x100 -->7.0 %", "x100 -->7.5 %"),                   # percent
+    ("-->0.12 of", "-->0.13 of"),                         # 2 decimals: 0.12 ok, 0.13 not
+    ("x100 -->12.0 %", "x100 -->12.5 %"),                 # percent
     (f"± {CI_GAIN:.3f}", "± 0.010"),                      # the CI
     ("/n_seeds -->3 seeds", "/n_seeds -->2 seeds"),
     ("-->−0.50 nats", "-->0.50 nats"),                    # sign (unicode minus accepted)
@@ -111,11 +111,11 @@ def test_cli_check_and_exit_status(results_dir: Path, results: dict, tmp_path: P
             "--experiments", "ewc_medical"]
     assert main(args) == 0
     assert "paper check passed" in capsys.readouterr().err
-    (p / "paper.md").write_text((p / "paper.md").read_text().replace("-->0.07 points",
-                                                                      "-->0.09 points"))
+    (p / "paper.md").write_text((p / "paper.md").read_text().replace("-->0.12 of",
+                                                                      "-->0.19 of"))
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "MISMATCH paper.md:3: ewc_medical/naive/mean_forgetting_mean: text says 0.09" in err
+    assert "MISMATCH paper.md:3: ewc_medical/naive/mean_rel_forgetting_mean: text says 0.19" in err
     assert "FAILED: 1 problem" in err
     assert main(["--results", str(tmp_path / "nope"), "--paper", str(p)]) == 2
 

@@ -20,7 +20,7 @@ from forgetkit.drift import (
     layer_order,
 )
 from forgetkit.results import write_json
-from forgetkit.summary import write_tables
+from forgetkit.results.summary import write_tables
 
 T2 = 4.302652729749464   # t_{0.975, 2}: 3 seeds
 T1 = 12.706204736174698  # t_{0.975, 1}: 2 seeds
@@ -229,27 +229,30 @@ def _md_rows(path: Path) -> dict[str, list[str]]:
 def test_main_table_hand_computed(report: tuple[Path, Any]) -> None:
     out, _ = report
     text = (out / "table_main.md").read_text()
-    assert "| Arm | Task gain ↑ | Forgetting ↓ | Rel. forgetting ↓ | Retention ↑ |" in text
+    # no per-item scores in this tree: no paired columns, and the mixed-unit mean is gone
+    assert "| Arm | Task gain ↑ | Rel. forgetting ↓ | Retention ↑ |" in text
     rows = _md_rows(out / "table_main.md")
     assert list(rows) == ["naive", "ewc@lambda=10.0", "ewc@lambda=1000.0", "l2", "replay"]
-    # naive: gain 0.10, 0.11, 0.12; forgetting ((0.10-0.01 s) + 0.05) / 2 = 0.075, 0.07, 0.065
     assert rows["naive"][0] == f"**0.110 ± {_ci(0.01, 3):.3f}**"
-    assert rows["naive"][1] == f"0.070 ± {_ci(0.005, 3):.3f}"
-    # l2: seed 2 failed -> 2 seeds; forgetting ((0.05 - 0.01 s) + 0.029) / 2 = 0.0395, 0.0345
+    # naive: relative forgetting ((0.10 - 0.01 s) / 0.6 + 0.05 / 0.55) / 2 per seed
+    rel = [((0.10 - 0.01 * s) / 0.6 + 0.05 / 0.55) / 2 for s in range(3)]
+    assert rows["naive"][1] == f"{sum(rel) / 3:.3f} ± {_ci(0.01 / 0.6 / 2, 3):.3f}"
+    # l2: seed 2 failed -> 2 seeds
     assert "l2 (n=2)" in text
     assert rows["l2"][0] == f"0.085 ± {_ci(math.sqrt(2) * 0.005, 2):.3f}"
-    assert rows["l2"][1] == f"0.037 ± {_ci(0.0025 * math.sqrt(2), 2):.3f}"
-    # ewc@1000: gain 0.03, 0.05, 0.07; forgetting 0.005 on every seed (CI 0) -> best, bold
+    rel = [((0.05 - 0.01 * s) / 0.6 + 0.029 / 0.55) / 2 for s in range(2)]
+    assert rows["l2"][1] == f"{sum(rel) / 2:.3f} ± {_ci(0.01 / 0.6 / 2 / math.sqrt(2), 2):.3f}"
+    # ewc@1000: gain 0.03, 0.05, 0.07; relative forgetting (0.01/0.6 + 0) / 2 every seed -> best
     assert rows["ewc@lambda=1000.0"][0] == f"0.050 ± {_ci(0.02, 3):.3f}"
-    assert rows["ewc@lambda=1000.0"][1] == "**0.005 ± 0.000**"
+    assert rows["ewc@lambda=1000.0"][1] == f"**{0.01 / 0.6 / 2:.3f} ± 0.000**"
     # retention: mean of after/before over piqa, boolq; ewc@1000: (0.59/0.6 + 1) / 2 best
-    assert rows["ewc@lambda=1000.0"][3] == f"**{(0.59 / 0.6 + 1) / 2:.3f} ± 0.000**"
+    assert rows["ewc@lambda=1000.0"][2] == f"**{(0.59 / 0.6 + 1) / 2:.3f} ± 0.000**"
     bold = {a: [c.startswith("**") for c in r] for a, r in rows.items()}
-    assert bold["naive"] == [True, False, False, False]
-    assert bold["l2"] == [False] * 4
+    assert bold["naive"] == [True, False, False]
+    assert bold["l2"] == [False] * 3
     tex = (out / "table_main.tex").read_text()
     assert r"\toprule" in tex and r"\bottomrule" in tex and r"$\uparrow$" in tex
-    assert r"\textbf{0.005 $\pm$ 0.000}" in tex and r"ewc@lambda=1000.0" in tex
+    assert r"\textbf{0.008 $\pm$ 0.000}" in tex and r"ewc@lambda=1000.0" in tex
 
 
 def test_benchmark_tables(report: tuple[Path, Any]) -> None:
@@ -315,17 +318,25 @@ def test_cli(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_per_metric_pareto_for_nll_in_a_mixed_unit_suite(tmp_path: Path) -> None:
     """The committed study mixes nats (wiki_nll) and accuracies in its general suite: the report
     adds pareto_wiki_nll, whose forgetting is the NLL rise (and an accuracy's drop)."""
-    from forgetkit.report import _forgetting, build_report, load_results, nll_paretos
+    from forgetkit.report import (
+        _fval,
+        build_report,
+        forgetting_column,
+        headline_paretos,
+        load_results,
+    )
 
     root = Path(__file__).resolve().parents[1] / "results" / "ewc_medical"
     res = load_results(root)
-    assert nll_paretos(res) == ["wiki_nll"]
+    assert headline_paretos(res) == ["wiki_nll"]
     a = res.agg["naive"]
-    assert _forgetting(res, "wiki_nll", "naive")[0] == pytest.approx(
+    col, _ = forgetting_column(res, "wiki_nll")
+    assert _fval(res, a, col, "wiki_nll") == pytest.approx(
         float(a["wiki_nll_after_mean"]) - float(a["wiki_nll_before_mean"]), abs=1e-9)
-    assert _forgetting(res, "piqa", "naive")[0] == pytest.approx(-float(a["piqa_delta_mean"]))
+    col, _ = forgetting_column(res, "piqa")
+    assert _fval(res, a, col, "piqa") == pytest.approx(-float(a["piqa_delta_mean"]))
     rep = build_report(root, tmp_path / "report")
     assert {"pareto", "pareto_wiki_nll"} <= {f.stem for f in rep.figures}
     assert (tmp_path / "report" / "pareto_wiki_nll.png").stat().st_size > 10_000
     # a suite in one unit keeps the single Pareto (the synthetic tree: accuracies only)
-    assert nll_paretos(load_results(make_tree(tmp_path / "synth"))) == []
+    assert headline_paretos(load_results(make_tree(tmp_path / "synth"))) == []

@@ -109,7 +109,8 @@ def test_results_tree_and_summary_contract(finished):
     cols = set(rows[0])
     want = {"arm", "seed", "status", "task_nll_before", "task_nll_after", "task_nll_delta",
             "rev_before", "rev_after", "rev_delta", "general_nll_before", "general_nll_after",
-            "general_nll_delta", "task_gain", "mean_forgetting", "retention_ratio",
+            "general_nll_delta", "task_gain", "mean_rel_forgetting", "retention_ratio",
+            "task_gain_lo", "task_gain_hi", "std_forgetting", "general_nll_delta_lo",
             "train_time_s", "tokens", "memory_estimate_bytes", "peak_memory_bytes"}
     assert want <= cols, want - cols
     ok = [r for r in rows if r["status"] == "ok"]
@@ -118,9 +119,12 @@ def test_results_tree_and_summary_contract(finished):
     for r in ok:  # derived columns follow from the raw ones
         gain = float(r["task_nll_before"]) - float(r["task_nll_after"])  # NLL: lower is better
         assert float(r["task_gain"]) == pytest.approx(gain)
-        drops = [float(r["rev_before"]) - float(r["rev_after"]),
-                 float(r["general_nll_after"]) - float(r["general_nll_before"])]
-        assert float(r["mean_forgetting"]) == pytest.approx(sum(drops) / 2)
+        drops = [(float(r["rev_before"]) - float(r["rev_after"])) / float(r["rev_before"]),
+                 (float(r["general_nll_after"]) - float(r["general_nll_before"]))
+                 / float(r["general_nll_before"])]
+        assert float(r["mean_rel_forgetting"]) == pytest.approx(sum(drops) / 2)
+        # paired CIs from the per-item scores bracket their point estimates
+        assert float(r["task_gain_lo"]) <= float(r["task_gain"]) <= float(r["task_gain_hi"])
         assert float(r["task_gain"]) > 0  # 4 steps at lr 1e-3 do teach the tiny model something
     with (root / "summary_agg.csv").open() as fh:
         agg = {r["arm"]: r for r in csv.DictReader(fh)}

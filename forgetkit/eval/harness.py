@@ -25,10 +25,24 @@ error. Every result record has ``kind, metric, value, stderr, higher_is_better, 
 Item selection does not depend on the run: a spec's ``limit`` takes a seeded sample with the
 evaluation seed (0 by default), so before- and after-scores of every arm and seed see the same
 items.
+
+Per-item scores. Every record also has ``items`` -- the score of each item, so that before and
+after can be compared item by item (``forgetkit.results.stats``)::
+
+    {"stat": "mean", "id": [...], "score": [...]}                 lm_eval (the headline metric
+        per document, from lm-eval's per-sample log), generation (token F1 per item)
+    {"stat": "ratio", "id": [...], "score": [...], "count": [...]}  perplexity / answer_nll:
+        summed NLL (nats) and number of scored tokens per document; value = sum / sum
+
+``id`` is ``"<position>:<digest>"``: the item's position in the evaluated selection and the
+first 10 hex digits of a sha1 of its content (lm-eval's ``doc_hash`` for lm-eval tasks), so a
+pairing of two score sets is checked, never assumed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import tempfile
@@ -107,7 +121,15 @@ def _records(spec: MetricSpec, seed: int) -> list[dict[str, Any]]:
     return select(load_records(d), d, seed)
 
 
-def _examples(spec: MetricSpec, records: list[dict[str, Any]], tok: Any) -> list[Example]:
+def item_id(position: int, content: Any) -> str:
+    """``"<position>:<sha1 of the content's canonical JSON, 10 hex digits>"``."""
+    blob = json.dumps(content, sort_keys=True, ensure_ascii=False, default=str)
+    return f"{position}:{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def _examples(spec: MetricSpec, records: list[dict[str, Any]], tok: Any
+              ) -> tuple[list[Example], list[str]]:
+    """(tokenised examples, their item ids); records without a target token are dropped."""
     assert spec.data is not None
     fmt = spec.data.format
     if spec.kind == "perplexity" and fmt != "text":
@@ -115,14 +137,15 @@ def _examples(spec: MetricSpec, records: list[dict[str, Any]], tok: Any) -> list
     if spec.kind == "answer_nll" and fmt == "text":
         raise ConfigError(f"evaluation metric {spec.name!r}: answer_nll needs instruction or "
                           "chat data (a prompt and a response)")
-    out = []
-    for r in records:
+    out, ids = [], []
+    for i, r in enumerate(records):
         ex = tokenize_record(r, fmt, spec.data.fields, tok, spec.max_length)
         if ex is not None:
             out.append(ex)
+            ids.append(item_id(i, r))
     if not out:
         raise ConfigError(f"evaluation metric {spec.name!r}: no record has a target token")
-    return out
+    return out, ids
 
 
 @torch.no_grad()
@@ -166,7 +189,7 @@ def nll_sums(model: Any, examples: Sequence[Example], pad_id: int, batch_size: i
 
 def _nll_metric(spec: MetricSpec, model: Any, tok: Any, batch_size: int, device: torch.device,
                 seed: int, progress: bool) -> dict[str, Any]:
-    examples = _examples(spec, _records(spec, seed), tok)
+    examples, ids = _examples(spec, _records(spec, seed), tok)
     sums, counts = nll_sums(model, examples, tok.pad_token_id, batch_size, device,
                             desc=spec.name, progress=progress)
     value, stderr = ratio_stderr(sums, counts)
@@ -175,6 +198,7 @@ def _nll_metric(spec: MetricSpec, model: Any, tok: Any, batch_size: int, device:
            "unit": "nats/token"}
     if spec.kind == "perplexity":
         out["ppl"] = math.exp(value)
+    out["items"] = {"stat": "ratio", "id": ids, "score": sums, "count": counts}
     return out
 
 
@@ -187,8 +211,9 @@ def _generation_metric(spec: MetricSpec, model: Any, tok: Any, batch_size: int,
     from forgetkit.data.templates import DEFAULT_FIELDS
 
     fields = {**DEFAULT_FIELDS[spec.data.format], **spec.data.fields}
-    prompts, refs = [], []
-    for r in _records(spec, seed):
+    prompts, refs, ids = [], [], []
+    for i, r in enumerate(_records(spec, seed)):
+        ids.append(item_id(i, r))
         if spec.data.format == "instruction":
             prompt, ref = render_instruction(r, fields)
         elif spec.data.format == "chat":
@@ -226,7 +251,8 @@ def _generation_metric(spec: MetricSpec, model: Any, tok: Any, batch_size: int,
             "all": {"exact_match": m_em, "exact_match_stderr": s_em, "token_f1": m_f1,
                     "token_f1_stderr": s_f1, "rouge_l": m_rl, "rouge_l_stderr": s_rl},
             "examples": [{"prediction": p, "reference": r} for p, r in
-                         zip(preds[:5], refs[:5], strict=False)]}
+                         zip(preds[:5], refs[:5], strict=False)],
+            "items": {"stat": "mean", "id": ids, "score": f1}}
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -31,6 +31,7 @@ import difflib
 import glob
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -444,7 +445,7 @@ def run_lm_eval(lm: Any, spec: MetricSpec, include_dirs: Sequence[Path], *, seed
     t0 = time.perf_counter()
     res = lm_eval.simple_evaluate(
         model=lm, tasks=[spec.task], num_fewshot=spec.num_fewshot, limit=spec.limit,
-        task_manager=tm, log_samples=False, random_seed=seed, numpy_random_seed=1234 + seed,
+        task_manager=tm, log_samples=True, random_seed=seed, numpy_random_seed=1234 + seed,
         torch_random_seed=1234 + seed, fewshot_random_seed=1234 + seed)
     if res is None:  # not rank 0
         raise RuntimeError("lm-eval returned no results (not the main process)")
@@ -469,4 +470,35 @@ def run_lm_eval(lm: Any, spec: MetricSpec, include_dirs: Sequence[Path], *, seed
              time.perf_counter() - t0)
     return {"kind": "lm_eval", "metric": metric, "value": all_metrics[metric],
             "stderr": all_metrics.get(_stderr_key(metric)), "higher_is_better": bool(hib),
-            "n": n, "all": all_metrics, "task": spec.task, "num_fewshot": fewshot}
+            "n": n, "all": all_metrics, "task": spec.task, "num_fewshot": fewshot,
+            "items": sample_items(res.get("samples") or {}, metric, all_metrics[metric])}
+
+
+def sample_items(samples: dict[str, list[dict[str, Any]]], metric: str,
+                 value: float | None) -> dict[str, Any]:
+    """Per-document scores of ``metric`` from lm-eval's per-sample log (``log_samples``).
+
+    ``samples`` maps each (sub)task to its logged documents; a group's documents are pooled
+    (ids prefixed with the subtask). The mean of the item scores must equal lm-eval's
+    aggregate ``value`` (true for acc/acc_norm/exact_match of a task, and of a group weighted by
+    size); otherwise the record says ``"mean_equals_value": false`` and paired statistics of
+    the metric are not computed from these items.
+    """
+    base, _, filt = metric.partition(",")
+    filt = filt or "none"
+    ids: list[str] = []
+    scores: list[float] = []
+    many = len(samples) > 1
+    for sub in sorted(samples):
+        for s in sorted(samples[sub], key=lambda x: int(x["doc_id"])):
+            if s.get("filter", "none") != filt or base not in s:
+                continue
+            v = s[base]
+            if isinstance(v, (list, tuple)):  # metrics aggregated by a custom function
+                return {"stat": "mean", "id": [], "score": [], "mean_equals_value": False}
+            pre = f"{sub}/" if many else ""
+            ids.append(f"{pre}{s['doc_id']}:{str(s.get('doc_hash', ''))[:10]}")
+            scores.append(float(v))
+    ok = bool(scores) and value is not None and math.isclose(
+        math.fsum(scores) / len(scores), float(value), rel_tol=1e-9, abs_tol=1e-12)
+    return {"stat": "mean", "id": ids, "score": scores, "mean_equals_value": ok}

@@ -8,7 +8,6 @@ Conventions (every function takes the metric's direction ``higher_is_better``):
 * :func:`task_gain` -- :func:`delta` of a metric of the fine-tuning task (positive = learned).
 * :func:`forgetting` -- the *drop* on a general benchmark, ``-delta`` (positive = forgot,
   negative = backward transfer / improvement).
-* :func:`mean_forgetting` -- the mean of several drops (each in its own unit).
 * :func:`retention_ratio` -- the fraction of the before-score kept, unit-free: ``after / before``
   when higher is better, ``before / after`` when lower is better; 1 = nothing lost, < 1 = forgot,
   > 1 = improved. Meant for positive metrics (accuracy, NLL, perplexity). With sequences it is the
@@ -23,7 +22,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["delta", "task_gain", "forgetting", "mean_forgetting", "retention_ratio", "mean_ci"]
+__all__ = ["delta", "task_gain", "forgetting", "retention_ratio", "mean_ci"]
+
+# (A mean of drops across metrics adds nats to accuracy points; it is gone. The unit-free
+# aggregate is std_forgetting, forgetkit.results.stats.)
 
 
 def delta(before: float, after: float, higher_is_better: bool = True) -> float:
@@ -40,12 +42,6 @@ def task_gain(before: float, after: float, higher_is_better: bool = True) -> flo
 def forgetting(before: float, after: float, higher_is_better: bool = True) -> float:
     """Drop on a general benchmark, in the metric's unit; positive = forgot (``-delta``)."""
     return -delta(before, after, higher_is_better)
-
-
-def mean_forgetting(drops: Sequence[float]) -> float:
-    """Mean of per-benchmark drops (values of :func:`forgetting`); NaN when empty."""
-    vals = [float(d) for d in drops]
-    return math.fsum(vals) / len(vals) if vals else math.nan
 
 
 def _ratio(before: float, after: float, higher_is_better: bool) -> float:

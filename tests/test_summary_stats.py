@@ -1,0 +1,183 @@
+"""The results tables' paired statistics on a synthetic results tree with a known answer:
+summary.csv / summary_agg.csv / points*.csv equal direct re-computations, std_forgetting equals
+its hand definition, an arm lying on the reference curve has zero excess forgetting, and every
+column is documented in columns.json."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forgetkit.config import AnalysisConfig
+from forgetkit.results import read_json, write_json
+from forgetkit.results.stats import Resampler, item_scores, item_sd, paired_delta
+from forgetkit.results.summary import COLUMN_DOCS, write_tables
+
+N_ACC, N_NLL = 80, 40
+
+
+def _acc_items(p: np.ndarray) -> dict:
+    return {"stat": "mean", "id": [f"{i}:x{i}" for i in range(N_ACC)],
+            "score": [float(v) for v in p], "mean_equals_value": True}
+
+
+def _nll_items(sums: np.ndarray, counts: np.ndarray) -> dict:
+    return {"stat": "ratio", "id": [f"{i}:d{i}" for i in range(N_NLL)],
+            "score": [float(v) for v in sums], "count": [int(c) for c in counts]}
+
+
+def _rec(items: dict, hib: bool) -> dict:
+    s, c = np.asarray(items["score"]), items.get("count")
+    value = float(s.sum() / np.sum(c)) if c is not None else float(s.mean())
+    return {"value": value, "higher_is_better": hib, "metric": "acc" if hib else "nll",
+            "kind": "lm_eval" if hib else "perplexity", "items": items}
+
+
+class World:
+    """Synthetic scores: a task NLL that falls with 'amount', a general NLL that rises and a
+    general accuracy whose items flip with probability growing with 'amount'."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(7)
+        self.counts = rng.integers(5, 30, size=N_NLL)
+        self.task0 = rng.uniform(1.0, 3.0, size=N_NLL) * self.counts
+        self.gen0 = rng.uniform(2.0, 4.0, size=N_NLL) * self.counts
+        self.acc0 = (rng.uniform(size=N_ACC) < 0.5).astype(float)
+        self.u = rng.uniform(size=N_ACC)
+        self.noise = rng.normal(size=N_NLL)
+
+    def scores(self, amount: float, seed: int = 0) -> dict:
+        """amount 0 = the base model; task gain and forgetting are both linear in amount."""
+        jitter = 0.01 * seed * self.noise
+        task = self.task0 * (1 - 0.3 * amount) + jitter
+        gen = self.gen0 * (1 + 0.1 * amount) + jitter
+        acc = np.where(self.u < 0.2 * amount, 1 - self.acc0, self.acc0)
+        return {"task": {"task_nll": _rec(_nll_items(task, self.counts), False)},
+                "general": {"gen_nll": _rec(_nll_items(gen, self.counts), False),
+                            "acc": _rec(_acc_items(acc), True)}}
+
+
+def _strip(tree: dict) -> dict:
+    if isinstance(tree, dict):
+        return {k: _strip(v) for k, v in tree.items() if k != "items"}
+    return tree
+
+
+def _write_run(root, arm: str, seed: int, before: dict, after: dict) -> None:
+    d = root / arm / f"seed-{seed}"
+    write_json(d / "eval_before.json", before)
+    write_json(d / "eval_after.json", after)
+    write_json(d / "summary.json", {"status": "ok", "arm": arm, "seed": seed, "grid": {},
+                                    "before": _strip(before), "after": _strip(after),
+                                    "train": {}, "warnings": []})
+
+
+@pytest.fixture
+def tree(tmp_path):
+    w = World()
+    root = tmp_path / "exp"
+    before = w.scores(0.0)
+    for seed in (0, 1):
+        ref = w.scores(1.0, seed)
+        ref["wise"] = {"0.5": w.scores(0.5, seed)}
+        _write_run(root, "ref", seed, before, ref)
+        _write_run(root, "half", seed, before, w.scores(0.5, seed))  # on the reference's line
+    analysis = AnalysisConfig(headline=["gen_nll"], reference_arm="ref", n_boot=400)
+    write_json(root / "analysis.json", {"headline": ["gen_nll"], "reference_arm": "ref",
+                                        "n_boot": 400})
+    return root, w, before, analysis
+
+
+def test_run_rows_equal_direct_paired_statistics(tree):
+    root, w, before, analysis = tree
+    write_tables(root)
+    rows = pd.read_csv(root / "summary.csv")
+    r = rows[(rows.arm == "ref") & (rows.seed == 1)].iloc[0]
+    rs = Resampler(400, 0)
+    after = w.scores(1.0, 1)
+    for m, role in (("task_nll", "task"), ("gen_nll", "general"), ("acc", "general")):
+        d = paired_delta(before[role][m]["items"], [after[role][m]["items"]], rs, m)
+        assert r[f"{m}_delta"] == pytest.approx(d["delta"], rel=1e-9, abs=1e-12)
+        assert r[f"{m}_delta_lo"] == pytest.approx(d["lo"], rel=1e-9)
+        assert r[f"{m}_delta_hi"] == pytest.approx(d["hi"], rel=1e-9)
+        assert r[f"{m}_delta_lo"] <= r[f"{m}_delta"] <= r[f"{m}_delta_hi"]
+    # McNemar counts by hand: flipped items of a 0/1 benchmark
+    flipped = w.u < 0.2
+    assert r["acc_lost"] == int(np.sum(flipped & (w.acc0 == 1)))
+    assert r["acc_gained"] == int(np.sum(flipped & (w.acc0 == 0)))
+    # task gain: the first task metric's improvement (NLL falls: positive)
+    assert r["task_gain"] == pytest.approx(-r["task_nll_delta"])
+    # std_forgetting by its definition: mean over general metrics of forgetting / base item SD
+    sd_gen = item_sd(item_scores(before["general"]["gen_nll"]["items"]))
+    sd_acc = item_sd(item_scores(before["general"]["acc"]["items"]))
+    hand = (r["gen_nll_delta"] / sd_gen + (-r["acc_delta"]) / sd_acc) / 2
+    assert r["std_forgetting"] == pytest.approx(hand, rel=1e-9)
+    assert r["std_forgetting_n"] == 2
+    assert r["gen_nll_forgetting"] == pytest.approx(r["gen_nll_delta"])  # lower is better
+
+
+def test_points_and_matched_gain(tree):
+    root, w, before, analysis = tree
+    write_tables(root, analysis)
+    pts = pd.read_csv(root / "points.csv")
+    assert set(pts[pts.arm == "ref"].point) == {"final", "wise:0.5"}
+    agg = pd.read_csv(root / "summary_agg.csv").set_index("arm")
+    # 'half' is scored exactly like the reference's WiSE point: it lies on the curve, so its
+    # excess forgetting at matched gain is 0 in every bootstrap replicate
+    for f in ("std_forgetting", "gen_nll_forgetting"):
+        assert agg.loc["half", f"excess_{f}"] == pytest.approx(0.0, abs=1e-12)
+        assert agg.loc["half", f"excess_{f}_lo"] == pytest.approx(0.0, abs=1e-12)
+        assert agg.loc["half", f"excess_{f}_hi"] == pytest.approx(0.0, abs=1e-12)
+    assert agg.loc["half", "matched_in_range"] == 1.0
+    # the reference's own final point sits at the curve's end: excess 0
+    assert agg.loc["ref", "excess_std_forgetting"] == pytest.approx(0.0, abs=1e-12)
+    # crossed bootstrap CI brackets the seed mean
+    for a in ("ref", "half"):
+        assert agg.loc[a, "task_gain_lo"] <= agg.loc[a, "task_gain_mean"] <= \
+            agg.loc[a, "task_gain_hi"]
+    # with two seeds the t-interval exists, and per-run CI bounds are not averaged
+    assert math.isfinite(agg.loc["ref", "task_gain_ci95"])
+    assert "task_gain_lo_mean" not in agg.columns
+
+
+def test_every_column_is_documented(tree):
+    root, *_ = tree
+    write_tables(root)
+    doc = read_json(root / "columns.json")
+    assert set(doc) == {"metrics", "columns"}
+    assert doc["metrics"]["gen_nll"]["role"] == "general"
+    metrics = sorted(doc["metrics"], key=len, reverse=True)
+    patterns = []
+    for key in COLUMN_DOCS:
+        rx = re.escape(key).replace(re.escape("<m>"), "(" + "|".join(map(re.escape, metrics))
+                                     + ")")
+        rx = rx.replace(re.escape("<f>"), r"[a-z_]+").replace(re.escape("<col>"), ".+")
+        patterns.append(re.compile(f"^{rx}$"))
+    for f in ("summary.csv", "summary_agg.csv", "points.csv", "points_agg.csv"):
+        for col in pd.read_csv(root / f).columns:
+            assert any(p.match(col) for p in patterns), f"{f}: column {col!r} undocumented"
+
+
+def test_runs_without_items_get_unpaired_columns_only(tmp_path):
+    w = World()
+    root = tmp_path / "old"
+    before, after = _strip(w.scores(0.0)), _strip(w.scores(1.0))
+    _write_run(root, "naive", 0, before, after)
+    write_tables(root)
+    row = pd.read_csv(root / "summary.csv").iloc[0]
+    assert math.isfinite(row["gen_nll_delta"])
+    assert "gen_nll_delta_lo" not in row and "std_forgetting" not in row
+
+
+def test_different_items_before_and_after_are_refused(tmp_path):
+    w = World()
+    root = tmp_path / "bad"
+    before, after = w.scores(0.0), w.scores(1.0)
+    after["general"]["acc"]["items"]["id"][0] = "999:other"
+    _write_run(root, "naive", 0, before, after)
+    with pytest.raises(ValueError, match="different items"):
+        write_tables(root)
