@@ -24,8 +24,15 @@ Measures (``Δ = after - before`` in the metric's unit, as ``<metric>_delta`` in
   every seed), and averages Δ over the resampled seeds. Resampling seeds alone would ignore that
   the benchmark is a sample of items (with 3 seeds it also has almost no resolution); resampling
   items separately per seed would treat the shared items as independent and understate the
-  uncertainty. This is the "pigeonhole" bootstrap of Owen (2007), slightly conservative (it
-  counts the item x seed interaction twice). With one seed it is the paired bootstrap above.
+  uncertainty. This is the "pigeonhole" bootstrap of Owen (2007), with one correction: the
+  plain seed resample shrinks the seed part of the variance by (S-1)/S (with 3 seeds and a
+  dominant seed effect the CI would be a third too narrow in variance), so each replicate is
+  ``(items part) + sqrt(S/(S-1)) * (seed deviation)``, where the items part is Δ over all seeds
+  on the resampled items and the seed deviation is the resampled seeds' mean minus the all-seed
+  mean on the same items; the two are uncorrelated, and the seed part is then unbiased. What
+  stays is the pigeonhole bootstrap's known conservativeness: the item x seed interaction is
+  counted about three times instead of once (tested in tests/test_stats.py). With one seed it is
+  the paired bootstrap above.
 * **Standardised effect** ``Δ / σ`` with ``σ = sqrt(n) * SE(before)``: the base model's per-item
   standard deviation (sample SD of the item scores for a mean; for a ratio the delta-method SD
   of :func:`forgetkit.eval.metrics.ratio_stderr` times sqrt(n)). Unit-free, so metrics in nats
@@ -102,6 +109,8 @@ def align(before: ItemScores, after: ItemScores) -> ItemScores:
     if before.ids == after.ids:
         return after
     pos = {i: k for k, i in enumerate(after.ids)}
+    if len(pos) != after.n:
+        raise ValueError("after's item ids are not unique")
     missing = [i for i in before.ids if i not in pos]
     extra = sorted(set(after.ids) - set(before.ids))
     if missing or extra:
@@ -188,10 +197,14 @@ def delta_replicates(before: ItemScores, afters: Sequence[ItemScores], rs: Resam
     idx = rs.items(key, before.n)
     b_rep = statistic(before, idx)
     a_rep = np.stack([statistic(a, idx) for a in afters])  # (S, B)
-    sidx = rs.seeds(seeds)  # (B, S)
-    a_mean = np.take_along_axis(a_rep.T, sidx, axis=1).mean(axis=1)
     point = float(np.mean([statistic(a) for a in afters])) - statistic(before)
-    return point, a_mean - b_rep
+    all_seeds = a_rep.mean(axis=0)  # (B,): every seed, on the resampled items
+    if len(afters) == 1:
+        return point, all_seeds - b_rep
+    sidx = rs.seeds(seeds)  # (B, S)
+    resampled = np.take_along_axis(a_rep.T, sidx, axis=1).mean(axis=1)
+    c = math.sqrt(len(afters) / (len(afters) - 1))  # undo the (S-1)/S shrinkage (docstring)
+    return point, (all_seeds - b_rep) + c * (resampled - all_seeds)
 
 
 def percentile_ci(reps: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
