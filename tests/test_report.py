@@ -307,8 +307,9 @@ def test_curves_from_committed_file_only(tree: Path, tmp_path: Path) -> None:
 
 def test_cli(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import forgetkit.report as report
+    import forgetkit.report.index as index  # build_report looks make_figures up there
 
-    monkeypatch.setattr(report, "make_figures", lambda *a, **k: report.Report())  # fast
+    monkeypatch.setattr(index, "make_figures", lambda *a, **k: report.Report())  # fast
     assert report.main([str(tree), "--out", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "index.md").exists()
     assert (tmp_path / "cli" / "table_main.tex").exists()
