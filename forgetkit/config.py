@@ -435,8 +435,10 @@ class AnalysisConfig:
                              "with (besides the unit-free aggregate std_forgetting)")
     aggregate_exclude: list[str] = _f(factory=list, doc="general metrics left out of "
                                       "std_forgetting (e.g. a benchmark that cannot move)")
-    reference_arm: str | None = _f(None, doc="the arm whose curve (WiSE-FT alphas, or its "
-                                   "grid over one key) gives the matched-gain comparison")
+    reference_arm: str | None = _f(None, doc="the arm whose WiSE-FT curve (evaluation."
+                                   "wise_alphas) gives the matched-gain comparison")
+    baseline_arm: str | None = _f("naive", doc="every other arm's task gain and forgetting are "
+                                  "also given as a paired difference to this arm (vs_<arm>_*)")
     n_boot: int = _f(2000, ge=100, doc="bootstrap replicates of every paired CI")
     confidence: float = _f(0.95, gt=0.5, lt=1.0)
     boot_seed: int = _f(0, doc="seed of the bootstrap's item/seed resampling")

@@ -86,9 +86,10 @@ def tree(tmp_path):
         ref["wise"] = {"0.5": w.scores(0.5, seed)}
         _write_run(root, "ref", seed, before, ref)
         _write_run(root, "half", seed, before, w.scores(0.5, seed))  # on the reference's line
-    analysis = AnalysisConfig(headline=["gen_nll"], reference_arm="ref", n_boot=400)
+    analysis = AnalysisConfig(headline=["gen_nll"], reference_arm="ref", baseline_arm="ref",
+                              n_boot=400)
     write_json(root / "analysis.json", {"headline": ["gen_nll"], "reference_arm": "ref",
-                                        "n_boot": 400})
+                                        "baseline_arm": "ref", "n_boot": 400})
     return root, w, before, analysis
 
 
@@ -139,6 +140,15 @@ def test_points_and_matched_gain(tree):
     for a in ("ref", "half"):
         assert agg.loc[a, "task_gain_lo"] <= agg.loc[a, "task_gain_mean"] <= \
             agg.loc[a, "task_gain_hi"]
+    # paired difference to the baseline arm: the point is the difference of the seed means,
+    # and 'half' (half the amount) forgets less and learns less than 'ref', resolved by the CI
+    for f in ("task_gain", "std_forgetting", "gen_nll_forgetting"):
+        diff = agg.loc["half", f"vs_ref_{f}"]
+        assert diff == pytest.approx(agg.loc["half", f"{f}_mean"] - agg.loc["ref", f"{f}_mean"],
+                                     rel=1e-9, abs=1e-12)
+        if f != "std_forgetting":  # (its accuracy part flips items both ways: not monotone)
+            assert agg.loc["half", f"vs_ref_{f}_hi"] < 0
+    assert "vs_ref_task_gain" not in agg.columns or math.isnan(agg.loc["ref", "vs_ref_task_gain"])
     # with two seeds the t-interval exists, and per-run CI bounds are not averaged
     assert math.isfinite(agg.loc["ref", "task_gain_ci95"])
     assert "task_gain_lo_mean" not in agg.columns
@@ -156,6 +166,7 @@ def test_every_column_is_documented(tree):
         rx = re.escape(key).replace(re.escape("<m>"), "(" + "|".join(map(re.escape, metrics))
                                      + ")")
         rx = rx.replace(re.escape("<f>"), r"[a-z_]+").replace(re.escape("<col>"), ".+")
+        rx = rx.replace(re.escape("<b>"), r"[A-Za-z0-9._=@+-]+")
         patterns.append(re.compile(f"^{rx}$"))
     for f in ("summary.csv", "summary_agg.csv", "points.csv", "points_agg.csv"):
         for col in pd.read_csv(root / f).columns:

@@ -6,14 +6,20 @@ Reads ``summary.csv`` / ``summary_agg.csv`` / ``columns.json`` (rebuilt from the
 ``fisher_summary.json`` (see forgetkit.drift), and writes into ``--out`` (default
 ``results/<experiment>/report/``), always under the same names::
 
-    pareto.{png,pdf}          task gain vs mean forgetting, one point per arm (95 % CI over seeds)
-    pareto_<metric>.{png,pdf} the same for each general NLL metric, when the suite mixes units
+    pareto.{png,pdf}          task gain vs std_forgetting (relative forgetting without per-item
+                              scores), one point per arm with its CI, plus each arm's WiSE-FT
+                              points and merges
+    pareto_<metric>.{png,pdf} the same for each headline metric and, when the suite mixes
+                              units, each general NLL metric
     benchmarks.{png,pdf}      before/after per benchmark and arm
     curves.{png,pdf}          training curves (mean over seeds, band = min..max over seeds)
     sweep_<arm>_<key>.{png,pdf}  metric and forgetting against a grid value (grid arms only)
     drift.{png,pdf}           relative weight drift per layer (runs with drift.json)
     fisher.{png,pdf}          Fisher magnitude per layer (runs with fisher_summary.json)
-    table_main.{md,tex}       task gain / forgetting / retention, mean ± 95 % CI, best in bold
+    table_main.{md,tex}       task gain, headline forgettings, std_forgetting, retention: mean
+                              and CI (paired bootstrap where per-item scores exist), best in bold
+    table_comparison.{md,tex} paired differences to the baseline arm; excess forgetting at
+                              matched task gain (results with per-item scores only)
     table_benchmarks.{md,tex} every metric after fine-tuning (and the base model's score)
     table_deltas.{md,tex}     every metric's change after - before
     index.md                  every table and figure with a one-line caption; failed runs

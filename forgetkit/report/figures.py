@@ -152,8 +152,9 @@ def fig_pareto(res: Results, out: Path, colors: dict[str, Any],
     allpts = pts + [(f"{arm}+{n}", g, f) for arm, e in extra.items() for n, g, f, _ in e]
     front = pareto_front(allpts)
     where = {n: (g, f) for n, g, f in allpts}
-    ax.plot([where[n][0] for n in front], [where[n][1] for n in front], "--", color="0.35",
-            lw=1.2, zorder=1, label="Pareto frontier")
+    if len(front) > 1:  # a one-point frontier is no line: no legend entry for it
+        ax.plot([where[n][0] for n in front], [where[n][1] for n in front], "--",
+                color="0.35", lw=1.2, zorder=1, label="Pareto frontier")
     for arm, g, f in pts:
         a = res.agg[arm]
         naive = arm == NAIVE
@@ -175,8 +176,18 @@ def fig_pareto(res: Results, out: Path, colors: dict[str, Any],
     _label_points(ax, [(arm, g, f) for arm, g, f in pts] +
                   [(n.split(":", 1)[1] if n.startswith("wise:") else n.split(":", 1)[1], g, f)
                    for e in extra.values() for n, g, f, _ in e])
-    xs = [g for _, g, _ in allpts] + [0.0]
-    ys = [f for _, _, f in allpts] + [0.0]
+    # axes fitted to the points and their error bars (the origin, where the base model sits,
+    # only when WiSE-FT points / merges lead toward it)
+    xs, ys = ([0.0], [0.0]) if extra else ([], [])
+    for arm, g, f in pts:
+        (gl, gh), (fl, fh) = _err(res.agg[arm], "task_gain", g), _err(res.agg[arm], col, f)
+        xs += [g - gl, g + gh]
+        ys += [f - fl, f + fh]
+    for e in extra.values():
+        for _, g, f, p in e:
+            (gl, gh), (fl, fh) = _err(p, "task_gain", g), _err(p, col, f)
+            xs += [g - gl, g + gh]
+            ys += [f - fl, f + fh]
     _fit_axes(ax, xs, ys)
     ax.set_xlabel(f"task gain: Δ {_first_task_unit(res)}  (→ better)")
     ax.set_ylabel(_wrap(ylabel) + "  (↓ better)")

@@ -28,6 +28,8 @@ class Results:
     grid: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> {grid key: value}
     headline: list[str] = field(default_factory=list)  # analysis.headline (general metrics)
     reference: str | None = None                # analysis.reference_arm (matched gain)
+    excluded: list[str] = field(default_factory=list)  # analysis.aggregate_exclude
+    baseline: str | None = None                 # analysis.baseline_arm (paired differences)
     points: list[dict[str, Any]] = field(default_factory=list)  # points_agg.csv rows
 
     @property
@@ -117,7 +119,9 @@ def load_results(root: Path | str) -> Results:
     points = (_records(root / "points_agg.csv") if (root / "points_agg.csv").exists() else [])
     return Results(root.name, root, rows, agg, columns, grid,
                    headline=[m for m in analysis.headline if m in columns],
-                   reference=analysis.reference_arm, points=points)
+                   reference=analysis.reference_arm, points=points,
+                   excluded=list(analysis.aggregate_exclude),
+                   baseline=analysis.baseline_arm)
 
 
 # ----------------------------------------------------------------------------- units, format

@@ -1,4 +1,4 @@
-"""The report's tables (main, benchmarks, deltas): mean ± CI per arm, best in bold, as Markdown
+"""The report's tables (main, comparison, benchmarks, deltas): mean ± CI per arm, best in bold, as Markdown
 and LaTeX."""
 
 from __future__ import annotations
@@ -14,35 +14,37 @@ from forgetkit.results import write_text
 MAIN_COLUMNS = [
     ("task_gain", "Task gain", True),
     ("std_forgetting", "Std. forgetting", False),
-    ("excess_std_forgetting", "Excess std. forgetting at matched gain", False),
     ("mean_rel_forgetting", "Rel. forgetting", False),
     ("retention_ratio", "Retention", True),
 ]
 
 
 def main_columns(res: Results) -> list[tuple[str, str, bool]]:
-    """The main table's columns: task gain, the declared headline forgettings, the unit-free
-    aggregate and the matched-gain excess (where the results have them), then the unpaired
-    relative measures."""
+    """The main table's columns: task gain, the declared headline forgettings and the unit-free
+    aggregate (where the results have them), then the unpaired relative measures."""
     cols = [MAIN_COLUMNS[0]]
     cols += [(f"{m}_forgetting", f"Forgetting: {m}", False) for m in res.headline]
-    cols += [c for c in MAIN_COLUMNS[1:] if _has(res, c[0])]
-    if res.reference:
-        cols += [(f"excess_{m}_forgetting", f"Excess {m} forgetting at matched gain", False)
-                 for m in res.headline if _has(res, f"excess_{m}_forgetting")]
+    cols += MAIN_COLUMNS[1:]
     return [c for c in cols if _has(res, c[0])]
 
 
+def comparison_columns(res: Results) -> list[tuple[str, str, bool]]:
+    """Paired comparisons between arms: each arm minus the baseline arm (task gain, headline
+    forgettings, std_forgetting), and the excess forgetting at matched task gain."""
+    b = res.baseline
+    fs = [f"{m}_forgetting" for m in res.headline] + ["std_forgetting"]
+    cols: list[tuple[str, str, bool]] = []
+    if b:
+        cols.append((f"vs_{b}_task_gain", f"Task gain − {b}", True))
+        cols += [(f"vs_{b}_{f}", f"{_short(f)} − {b}", False) for f in fs]
+    if res.reference:
+        cols += [(f"excess_{f}", f"{_short(f)}: excess at matched gain", False) for f in fs]
+    return [c for c in cols if _has(res, c[0])]
 
-def _hib(res: Results, col: str) -> bool:
-    for c, _, h in MAIN_COLUMNS:
-        if col == c:
-            return h
-    for suf in ("_before", "_after", "_delta"):
-        if col.endswith(suf) and col[: -len(suf)] in res.columns:
-            return bool(res.columns[col[: -len(suf)]].get("higher_is_better", True))
-    return True
 
+def _short(f: str) -> str:
+    return "Std. forgetting" if f == "std_forgetting" else \
+        f"Forgetting: {f.removesuffix('_forgetting')}"
 
 
 @dataclass
@@ -56,7 +58,7 @@ class Table:
 
 
 def build_table(res: Results, name: str, cols: list[tuple[str, str, bool]], caption: str,
-                base_row: dict[str, Any] | None = None) -> Table:
+                base_row: dict[str, Any] | None = None, skip: tuple[str, ...] = ()) -> Table:
     """Mean ± CI per arm for ``cols`` = [(agg base column, header, higher_is_better)]; the best
     arm per column (compared at the printed precision; ties all bold) in bold."""
     headers = ["Arm"] + [f"{h} {'↑' if hib else '↓'}" for _, h, hib in cols]
@@ -64,13 +66,15 @@ def build_table(res: Results, name: str, cols: list[tuple[str, str, bool]], capt
     best: list[float | None] = []
     for c, _, hib in cols:
         d = precision(c)
-        vals = [_as_float(_mean(a, c)) for a in res.agg.values()]
+        vals = [_as_float(_mean(a, c)) for arm, a in res.agg.items() if arm not in skip]
         vals_r = [round(v, d) for v in vals if v is not None]
         best.append((max(vals_r) if hib else min(vals_r)) if vals_r else None)
     if base_row is not None:
         rows.append([base_row["label"]] + [base_row.get(c, "") for c, _, _ in cols])
         bold.append([False] * (len(cols) + 1))
     for arm, a in res.agg.items():
+        if arm in skip:
+            continue
         n = a.get("n_seeds")
         cells, b = [f"{arm} (n={int(n)})" if _as_float(n) is not None else arm], [False]
         for (c, _, _), bv in zip(cols, best, strict=True):
@@ -109,18 +113,30 @@ def ci_note(res: Results) -> str:
 
 def tables(res: Results) -> list[Table]:
     gen = res.metrics("general")
-    excl = ""
-    head = "".join(f" Forgetting: {m} = its drop ({metric_unit(res.columns[m])}; positive = "
+    excl = f" except {', '.join(res.excluded)}" if res.excluded else ""
+    head = "".join(f" Forgetting: {m} = how much worse it got ("
+                   f"{'drop' if res.columns[m].get('higher_is_better', True) else 'rise'}, "
+                   f"{metric_unit(res.columns[m])}; positive = "
                    "forgot)." for m in res.headline)
-    matched = (f" Excess at matched gain = forgetting minus that of {res.reference}'s WiSE-FT "
-               "curve at the same task gain (negative = forgot less)."
-               if res.reference and _has(res, "excess_std_forgetting") else "")
     out = [build_table(res, "main", main_columns(res),
                        f"Summary per arm: {ci_note(res)}. Task gain = improvement of "
                        f"{_first_task_unit(res)}.{head} Std. forgetting = mean over the "
-                       f"{len(gen)} general benchmarks{excl} of drop / the base model's per-item "
-                       f"SD (unit-free).{matched} Relative forgetting = drop / before; "
+                       f"{len([m for m in gen if m not in res.excluded])} general benchmarks"
+                       f"{excl} of how much worse (drop or rise) / the base model's per-item SD "
+                       f"(unit-free). Relative forgetting = drop / before; "
                        "retention = after / before (unpaired).")]
+    comp = comparison_columns(res)
+    if comp:
+        b, ref = res.baseline, res.reference
+        out.append(build_table(
+            res, "comparison", comp,
+            f"Paired comparisons, {ci_note(res)}. X − {b} = the arm's value minus {b}'s, "
+            "computed on the same bootstrap resamples of items (and seeds), so the CI is that "
+            "of the difference. Excess at matched gain = the arm's forgetting minus that of "
+            f"{ref}'s WiSE-FT curve (base, its alphas, its final model; linear in between) at "
+            "the arm's own task gain: negative = forgot less than merging the reference toward "
+            "the base would at equal learning; n/a outside the curve (no extrapolation).",
+            skip=(b,) if b else ()))
     metrics = res.metrics()
     if metrics:
         first = next(iter(res.agg.values()), {})

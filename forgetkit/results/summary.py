@@ -70,6 +70,11 @@ COLUMN_DOCS: dict[str, str] = {
                   "(negative = forgot less than the reference would at the same gain)",
     "excess_<f>_lo": "lower end of the 95 % CI of excess_<f> (same bootstrap replicates)",
     "excess_<f>_hi": "upper end of that CI",
+    "vs_<b>_<f>": "this arm's <f> (task_gain, std_forgetting or a headline forgetting) minus "
+                  "that of the baseline arm <b> (analysis.baseline_arm), paired: the same item "
+                  "(and seed) resamples for both",
+    "vs_<b>_<f>_lo": "lower end of the 95 % CI of that difference",
+    "vs_<b>_<f>_hi": "upper end of that CI",
     "matched_in_range": "fraction of bootstrap replicates in which the arm's task gain lies "
                         "on the reference curve (excess is undefined outside it)",
     "n_seeds": "number of finished seeds of the arm",
@@ -266,6 +271,23 @@ def matched_columns(arm: PointStats, curve: Sequence[PointStats], conf: float
     return cols
 
 
+def baseline_columns(arm: PointStats, base: PointStats, name: str, conf: float
+                     ) -> dict[str, Any]:
+    """``vs_<name>_<f>`` (+ CI): the arm's task gain and forgettings minus the baseline arm's,
+    replicate by replicate (both drawn with the same item and seed resamples: a paired
+    difference between arms)."""
+    cols: dict[str, Any] = {}
+    pairs = [("task_gain", arm.gain, arm.gain_reps, base.gain, base.gain_reps)]
+    pairs += [(f, arm.forgetting[f], r, base.forgetting[f], base.forgetting_reps[f])
+              for f, r in arm.forgetting_reps.items() if f in base.forgetting_reps]
+    for f, v, r, bv, br in pairs:
+        if r is None or br is None or len(r) != len(br):
+            continue
+        cols[f"vs_{name}_{f}"] = v - bv
+        cols[f"vs_{name}_{f}_lo"], cols[f"vs_{name}_{f}_hi"] = percentile_ci(r - br, conf)
+    return cols
+
+
 # ----------------------------------------------------------------------------- tables
 
 def _unpaired(s: dict[str, Any], row: dict[str, Any], scores_after: dict[str, Any]) -> None:
@@ -404,10 +426,14 @@ def _aggregate(runs: list[RunRecord], rows: list[dict[str, Any]], points: list[d
                       key=lambda p: float(p.split(":", 1)[1]))
         if (ref, FINAL) in crossed:
             curve = [crossed[(ref, p)] for p in wise] + [crossed[(ref, FINAL)]]
+    base_arm = analysis.baseline_arm
     for a in points_agg:
         key = (a["arm"], a["point"])
         if curve and key in crossed and not (a["arm"] == ref and a["point"].startswith("wise:")):
             a.update(matched_columns(crossed[key], curve, analysis.confidence))
+        if base_arm and (base_arm, FINAL) in crossed and key in crossed and a["arm"] != base_arm:
+            a.update(baseline_columns(crossed[key], crossed[(base_arm, FINAL)], base_arm,
+                                      analysis.confidence))
     agg = []
     for arm in by_arm:
         run_rows = [r for r in rows if r["arm"] == arm and r.get("status") == "ok"]
@@ -415,7 +441,7 @@ def _aggregate(runs: list[RunRecord], rows: list[dict[str, Any]], points: list[d
         a.update(_seed_mean_ci(run_rows, ("arm", "seed", "status")))
         final = next((p for p in points_agg if p["arm"] == arm and p["point"] == FINAL), {})
         a.update({k: v for k, v in final.items() if k.endswith(("_lo", "_hi", "_n"))
-                  or k.startswith(("ref_", "excess_")) or k == "matched_in_range"})
+                  or k.startswith(("ref_", "excess_", "vs_")) or k == "matched_in_range"})
         agg.append(a)
     return agg, points_agg
 
