@@ -192,3 +192,35 @@ def test_different_items_before_and_after_are_refused(tmp_path):
     _write_run(root, "naive", 0, before, after)
     with pytest.raises(ValueError, match="different items"):
         write_tables(root)
+
+
+def test_report_of_a_paired_tree(tree, tmp_path):
+    """The report leads with the headline and paired CIs where per-item scores exist: the main
+    table's cells are 'mean [lo, hi]', the comparison table holds the paired differences, the
+    benchmark figure draws each change with its paired CI and names a metric no arm changed."""
+    from forgetkit.report import build_report
+
+    root, w, before, _ = tree
+    # a general metric that no arm changes: every item the same before and after
+    for d in root.glob("*/seed-*"):
+        for f in ("eval_before.json", "eval_after.json"):
+            t = read_json(d / f)
+            pts = [t] + list((t.get("wise") or {}).values())
+            for p in pts:
+                p["general"]["flat"] = _rec(_acc_items(w.acc0), True)
+            write_json(d / f, t)
+        s = read_json(d / "summary.json")
+        for p in [s["before"], s["after"], *(s["after"].get("wise") or {}).values()]:
+            p["general"]["flat"] = _strip(_rec(_acc_items(w.acc0), True))
+        write_json(d / "summary.json", s)
+    write_tables(root)
+    rep = build_report(root, tmp_path / "report")
+    main = (tmp_path / "report" / "table_main.md").read_text()
+    assert "| Arm | Task gain ↑ | Forgetting: gen_nll ↓ | Std. forgetting ↓ |" in main
+    assert "paired bootstrap" in main and " [" in main.splitlines()[-1]
+    comp = (tmp_path / "report" / "table_comparison.md").read_text()
+    assert "Task gain − ref" in comp and "excess at matched gain" in comp
+    assert "| ref (n=2)" not in comp  # the baseline has no row of differences to itself
+    cap = next(f.caption for f in rep.figures if f.stem == "benchmarks")
+    assert "paired bootstrap CI" in cap and "flat" in cap.split("Unchanged in every arm")[1]
+    assert (tmp_path / "report" / "pareto.png").stat().st_size > 10_000

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetkit.report.loading import NAIVE, Results, _as_float, _has, _mean, arm_base, metric_unit
-from forgetkit.report.tables import Table, _first_task_unit, ci_note
+from forgetkit.report.tables import Table, _first_task_unit, _paired, ci_note
 from forgetkit.results import read_json
 from forgetkit.results.forgetting import forgetting
 
@@ -240,9 +240,13 @@ def headline_paretos(res: Results) -> list[str]:
 
 
 def fig_benchmarks(res: Results, out: Path, colors: dict[str, Any]) -> Figure | str:
+    """Per metric: with per-item scores, each arm's change after - before with its paired CI
+    (the comparison the statistics make); without, before/after bars with the t-CI over seeds.
+    A panel in which no arm changed anything says so instead of drawing flat bars."""
     metrics = res.metrics()
     if not metrics or not res.agg:
         return "benchmarks: no metrics in columns.json"
+    paired = _paired(res)
     plt = _plt()
     ncol = min(3, len(metrics))
     nrow = math.ceil(len(metrics) / ncol)
@@ -250,14 +254,38 @@ def fig_benchmarks(res: Results, out: Path, colors: dict[str, Any]) -> Figure | 
     fig, axes = plt.subplots(nrow, ncol, figsize=(max(4.2, 0.55 * len(arms) + 1.5) * ncol,
                                                    3.6 * nrow), squeeze=False)
     x = list(range(len(arms)))
-    w = 0.4
+    flat_panels = []
     for i, m in enumerate(metrics):
         ax = axes[i // ncol][i % ncol]
         meta = res.columns[m]
+        unit = metric_unit(meta)
+        arrow = "↑" if meta.get("higher_is_better", True) else "↓"
+        ax.set_title(f"{m} [{meta.get('role')}] {arrow}", fontsize=10)
+        ax.set_xticks(x)
+        ax.set_xticklabels(arms, rotation=35, ha="right", fontsize=8)
+        if paired:
+            d = [_nan(res.agg[a].get(f"{m}_delta_mean")) for a in arms]
+            err = [_err(res.agg[a], f"{m}_delta", v) if not math.isnan(v) else (0.0, 0.0)
+                   for a, v in zip(arms, d, strict=True)]
+            if all(v == 0.0 for v in d) and all(e == (0.0, 0.0) for e in err):
+                flat_panels.append(m)
+                ax.text(0.5, 0.5, "unchanged in every arm:\nno item scored differently\n"
+                        "after fine-tuning", ha="center", va="center", transform=ax.transAxes,
+                        fontsize=9, color="0.3")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
+            ax.axhline(0, color="0.4", lw=0.8)
+            ax.bar(x, d, 0.6, color=[colors[a] for a in arms], edgecolor="black", lw=0.5)
+            ax.errorbar(x, d, yerr=[[e[0] for e in err], [e[1] for e in err]], fmt="none",
+                        ecolor="black", elinewidth=1, capsize=3)
+            ax.set_ylabel(f"after − before ({unit})", fontsize=8)
+            continue
         bm = [_nan(res.agg[a].get(f"{m}_before_mean")) for a in arms]
         bc = [_ci(res.agg[a].get(f"{m}_before_ci95")) for a in arms]
         am = [_nan(res.agg[a].get(f"{m}_after_mean")) for a in arms]
         ac = [_ci(res.agg[a].get(f"{m}_after_ci95")) for a in arms]
+        w = 0.4
         ax.bar([xi - w / 2 for xi in x], bm, w, yerr=bc, color="0.82", edgecolor="0.5",
                capsize=2, label="before")
         ax.bar([xi + w / 2 for xi in x], am, w, yerr=ac, color=[colors[a] for a in arms],
@@ -268,22 +296,28 @@ def fig_benchmarks(res: Results, out: Path, colors: dict[str, Any]) -> Figure | 
             hi = max(v + c for v, c in zip(bm + am, bc + ac, strict=True) if not math.isnan(v))
             pad = 0.15 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1e-3)
             ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xticks(x)
-        ax.set_xticklabels(arms, rotation=35, ha="right", fontsize=8)
-        arrow = "↑" if meta.get("higher_is_better", True) else "↓"
-        ax.set_title(f"{m} [{meta.get('role')}] {arrow}")
-        ax.set_ylabel(metric_unit(meta))
+        ax.set_ylabel(unit)
         if i == 0:
             ax.legend(loc="best")
     for j in range(len(metrics), nrow * ncol):
         axes[j // ncol][j % ncol].set_visible(False)
-    fig.suptitle(f"{res.name}: scores before (grey) and after fine-tuning, mean ± 95 % CI "
-                 "(y-axes do not start at 0)")
+    if paired:
+        fig.suptitle(f"{res.name}: change after − before per benchmark and arm, with its "
+                     "95 % paired bootstrap CI")
+        caption = ("Per benchmark, each arm's change after - before fine-tuning with its 95 % "
+                   "paired bootstrap CI over items (crossed with seeds when there are several); "
+                   "arrows give the better direction.")
+        if flat_panels:
+            caption += (" Unchanged in every arm (no item scored differently): "
+                        + ", ".join(flat_panels) + ".")
+    else:
+        fig.suptitle(f"{res.name}: scores before (grey) and after fine-tuning, mean ± 95 % CI "
+                     "(y-axes do not start at 0)")
+        caption = ("Per-benchmark score before (grey) and after fine-tuning per arm, mean ± 95 % "
+                   "CI over seeds; arrows give the better direction; y-axes zoomed (not from 0).")
     fig.tight_layout()
     _save(fig, out, "benchmarks")
-    return Figure("benchmarks", "Per-benchmark score before (grey) and after fine-tuning per arm, "
-                                "mean ± 95 % CI over seeds; arrows give the better direction; "
-                                "y-axes zoomed (not from 0).")
+    return Figure("benchmarks", caption)
 
 
 _CURVE_LABELS = {"task_loss": ("task loss", "nats/token"),
