@@ -364,6 +364,12 @@ def fig_curves(res: Results, out: Path, colors: dict[str, Any],
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(unit)
+        steps = {st for a in arms for st in (curves["arms"][a]["series"].get(k) or {}).get(
+            "step", [])}
+        if len(steps) == 1:  # measured once (e.g. validation at the end only): say so
+            ax.text(0.5, 0.92, f"measured once, at step {int(next(iter(steps)))}",
+                    ha="center", va="top", transform=ax.transAxes, fontsize=8, color="0.3")
+            ax.set_xticks(sorted(steps))
         if k == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
         elif k.startswith("reg/") and all(
