@@ -144,11 +144,6 @@ def metric_unit(meta: dict[str, Any]) -> str:
     return m or "score"
 
 
-def _common_unit(res: Results, metrics: list[str]) -> str:
-    units = {metric_unit(res.columns[m]) for m in metrics}
-    return units.pop() if len(units) == 1 else "mixed units"
-
-
 def precision(col: str) -> int:
     """Decimals printed for a column (its mean and its CI)."""
     base = re.sub(r"_(mean|ci95)$", "", col)
