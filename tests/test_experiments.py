@@ -65,9 +65,9 @@ def test_regularizer_data_is_disjoint_from_evaluation_data():
         if spec.data is not None:
             eval_ids |= assets.split_ids(spec.data.path, spec.data.split)
     for spec in base.evaluation.task + base.evaluation.general:
-        if spec.kind == "lm_eval":  # fk_* tasks score the test split of their alias
-            alias = spec.task.removeprefix("fk_")
-            eval_ids |= assets.split_ids(alias, "test")
+        if spec.kind == "lm_eval":  # fk_* tasks score a split of their alias
+            alias, split, _ = assets.TASKS[spec.task]
+            eval_ids |= assets.split_ids(alias, split)
     train_ids = assets.split_ids(base.data.train.path, base.data.train.split)
     assert not train_ids & eval_ids
     checked = set()
