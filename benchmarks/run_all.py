@@ -34,7 +34,7 @@ def run(script: str, args: list[str], out: Path) -> dict | list | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--skip", default="", help="comma list of throughput,regularizers,memory")
+    p.add_argument("--skip", default="", help="comma list of throughput,regularizers,memory,eval_speed")
     a = p.parse_args(argv)
     q = ["--quick"] if a.quick else []
     skip = set(a.skip.split(","))
@@ -76,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
                     lines.append(f"memory {x['size']} ewc={x['ewc']!s:<5} ckpt={x['ckpt']!s:<5} "
                                  f"pad={x.get('padded', False)!s:<5} "
                                  f"measured/estimated {x['ratio']:.2f} (target 0.85-1.15)")
+        if "eval_speed" not in skip:
+            r = run("eval_speed.py", ["--tiny"] if a.quick else ["--limit", "30"], t / "evs.json")
+            if isinstance(r, dict):
+                sm = r["summary"]
+                for k, v in sm["ratios"].items():
+                    lines.append(f"eval speed {k}: {v:.2f}x")
+                lines.append("eval acc/acc_norm identical (CLI, HFLM, SharedContextHFLM): "
+                             f"{sm['acc_identical']}")
     print("\n=== summary")
     for ln in lines:
         print(ln)

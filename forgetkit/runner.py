@@ -507,7 +507,7 @@ def eval_cache_key(cfg: Config) -> str:
     return _hash({"model": base_model_identity(cfg), "evaluation": ev, "seed": EVAL_SEED,
                   "data": _data_digests([s.data for s in specs],
                                         [s.include_path for s in specs]),
-                  "format": 3})  # 3: records carry per-item scores (``items``)
+                  "format": 4})  # 3: per-item scores (``items``); 4: SharedContextHFLM
 
 
 # ----------------------------------------------------------------------------- stages

@@ -104,6 +104,16 @@ def test_group_by_context_routes_each_request_once():
     assert rest == [3, 5, 6, 7, 8]
 
 
+def test_reference_positions_count_lm_evals_forwards():
+    from forgetkit.eval.fastlm import reference_positions
+
+    reqs = [(None, [1, 2], [3]), (None, [1, 2], [4]), (None, [1, 2], [5, 6])]
+    # one sequence (context + continuation)[:-1] per request: 2 + 2 + 3 positions; lm-eval's
+    # logits_cache runs the two one-token continuations of [1, 2] once: 2 + 3
+    assert reference_positions(reqs, logits_cache=False) == 7
+    assert reference_positions(reqs, logits_cache=True) == 5
+
+
 # ----------------------------------------------------------------------------- token level
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])

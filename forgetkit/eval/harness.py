@@ -3,8 +3,11 @@
 ``evaluate_checkpoint(model_dir, specs)`` loads the standard HF checkpoint the training stage
 wrote (never the accelerate-wrapped training model), then runs every ``MetricSpec``:
 
-``lm_eval``     an lm-eval task through its Python API (``simple_evaluate`` on an ``HFLM`` that
-                wraps the already loaded model). Task YAMLs are looked up in forgetkit's shipped
+``lm_eval``     an lm-eval task through its Python API (``simple_evaluate`` on an HFLM that
+                wraps the already loaded model: ``forgetkit.eval.fastlm.SharedContextHFLM``,
+                lm-eval's HFLM scoring each multiple-choice context once from a KV cache, with
+                lm-eval's tokenisation and scores; it falls back to HFLM where it cannot).
+                Task YAMLs are looked up in forgetkit's shipped
                 task directory, the prepared offline benchmark directory of ``forgetkit.assets``
                 (when present) and the spec's ``include_path``; lm-eval's headline metric and its
                 stderr are kept.
@@ -278,13 +281,12 @@ def evaluate_checkpoint(model_dir: str | Path, specs: Sequence[MetricSpec], *,
             log.info("  [%d/%d] %s (%s)", i, len(specs), spec.name, spec.kind)
             if spec.kind == "lm_eval":
                 if lm is None:
-                    from lm_eval.models.huggingface import HFLM
-
+                    from forgetkit.eval.fastlm import SharedContextHFLM
                     from forgetkit.eval.lmeval import materialize_task_dirs
 
                     include_dirs = materialize_task_dirs(task_include_dirs(specs), tmp)
-                    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size,
-                              device=str(dev))
+                    lm = SharedContextHFLM(pretrained=model, tokenizer=tok,
+                                           batch_size=batch_size, device=str(dev))
                 from forgetkit.eval.lmeval import run_lm_eval
 
                 assert include_dirs is not None
