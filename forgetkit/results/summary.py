@@ -68,7 +68,8 @@ COLUMN_DOCS: dict[str, str] = {
                "arm's task gain, interpolated along its curve (base, WiSE-FT alphas, final)",
     "excess_<f>": "<f> minus ref_<f>: forgetting beyond the reference at matched task gain "
                   "(negative = forgot less than the reference would at the same gain)",
-    "excess_<f>_lo": "lower end of the 95 % CI of excess_<f> (same bootstrap replicates)",
+    "excess_<f>_lo": "lower end of the 95 % CI of excess_<f> (same bootstrap replicates; empty "
+                     "when fewer than 95 % of them put the arm's gain on the curve)",
     "excess_<f>_hi": "upper end of that CI",
     "vs_<b>_<f>": "this arm's <f> (task_gain, std_forgetting or a headline forgetting) minus "
                   "that of the baseline arm <b> (analysis.baseline_arm), paired: the same item "
@@ -89,6 +90,10 @@ COLUMN_DOCS: dict[str, str] = {
     "warnings": "warnings the run reported about itself (e.g. collapsed training)",
     "error": "failed runs: the one-line error (the traceback is in the run's run.log)",
 }
+
+# The matched-gain CI is given only when at least this fraction of the bootstrap replicates puts
+# the arm's task gain on the reference curve (else the CI would be conditional on being there).
+MATCHED_MIN_IN_RANGE = 0.95
 
 # Per-run columns that are not averaged over seeds (a CI bound or a p-value of one run).
 _PER_RUN_ONLY = ("_lo", "_hi", "_mcnemar_p")
@@ -264,8 +269,12 @@ def matched_columns(arm: PointStats, curve: Sequence[PointStats], conf: float
         ref_reps = interpolate_at(g_reps, v_reps, arm.gain_reps)
         cols[f"ref_{f}"] = ref
         cols[f"excess_{f}"] = arm.forgetting[f] - ref
-        cols[f"excess_{f}_lo"], cols[f"excess_{f}_hi"] = percentile_ci(f_reps - ref_reps, conf)
         in_range = float(np.mean(np.isfinite(ref_reps)))
+        # a CI over the replicates that happen to fall on the curve would be conditional on
+        # that: given only when (nearly) all do
+        lo, hi = (percentile_ci(f_reps - ref_reps, conf) if in_range >= MATCHED_MIN_IN_RANGE
+                  else (math.nan, math.nan))
+        cols[f"excess_{f}_lo"], cols[f"excess_{f}_hi"] = lo, hi
     if cols:
         cols["matched_in_range"] = in_range
     return cols
@@ -429,7 +438,8 @@ def _aggregate(runs: list[RunRecord], rows: list[dict[str, Any]], points: list[d
     base_arm = analysis.baseline_arm
     for a in points_agg:
         key = (a["arm"], a["point"])
-        if curve and key in crossed and not (a["arm"] == ref and a["point"].startswith("wise:")):
+        on_curve = a["arm"] == ref and not a["point"].startswith("merge:")  # the curve itself
+        if curve and key in crossed and not on_curve:
             a.update(matched_columns(crossed[key], curve, analysis.confidence))
         if base_arm and (base_arm, FINAL) in crossed and key in crossed and a["arm"] != base_arm:
             a.update(baseline_columns(crossed[key], crossed[(base_arm, FINAL)], base_arm,
