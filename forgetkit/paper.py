@@ -15,7 +15,8 @@ Every number taken from the results is written right after a marker naming its t
     EWC forgot <!-- fk: ewc_medical/ewc@lambda=1000.0/mean_forgetting_mean -->0.005 ± 0.002
     i.e. <!-- fk: ewc_medical/naive/mean_forgetting_mean x100 -->7.0 % of ...
 
-The key is ``<experiment>/<arm>/<column of summary_agg.csv>``; the number must equal the cell
+The key is ``<experiment>/<arm>/<column of summary_agg.csv>`` (or ``<arm>#<point>`` for a row
+of ``points_agg.csv``: ``naive_merged#wise:0.5``, ``naive_merged#merge:layerwise_0-1``); the number must equal the cell
 rounded to the number of decimals written (tolerance: half a unit of the last printed digit).
 After a ``*_mean`` key an optional ``± <ci>`` is checked against the matching ``*_ci95``. The
 option ``x100`` scales the cell first (percentages). Markers inside fenced code blocks are
@@ -56,7 +57,7 @@ from forgetkit.report import (
 )
 
 # The paper's experiments: the main comparison and the lambda sweep behind its lambdas.
-EXPERIMENTS = ["ewc_medical", "ewc_medical_sweep"]
+EXPERIMENTS = ["ewc_medical", "ewc_medical_sweep", "ewc_medical_v2"]
 # Not compared by --compare: they depend on the machine, not on the method.
 VOLATILE = {"train_time_s", "n_seeds"}
 
@@ -106,11 +107,20 @@ def _cell(results: dict[str, Results], key: str) -> tuple[float | None, str | No
     if exp not in results:
         return None, f"{key}: unknown experiment {exp!r} (known: {sorted(results)})"
     res = results[exp]
-    if arm not in res.agg:
+    if "#" in arm:  # <arm>#<point>: a row of points_agg.csv (a WiSE-FT alpha, a merge)
+        a, _, point = arm.partition("#")
+        rows = [r for r in res.points if str(r.get("arm")) == a and str(r.get("point")) == point]
+        if not rows:
+            known = sorted(f"{r.get('arm')}#{r.get('point')}" for r in res.points)
+            return None, f"{key}: unknown point {arm!r} (points: {known})"
+        row, where = rows[0], f"{exp}/points_agg.csv"
+    elif arm not in res.agg:
         return None, f"{key}: unknown arm {arm!r} (arms: {list(res.agg)})"
-    if col not in res.agg[arm]:
-        return None, f"{key}: no column {col!r} in {exp}/summary_agg.csv"
-    v = _as_float(res.agg[arm][col])
+    else:
+        row, where = res.agg[arm], f"{exp}/summary_agg.csv"
+    if col not in row:
+        return None, f"{key}: no column {col!r} in {where}"
+    v = _as_float(row[col])
     if v is None:
         return None, f"{key}: the table cell is empty (NaN)"
     return v, None

@@ -159,6 +159,11 @@ def test_shipped_paper_figure_links_and_tables_fill(results_dir: Path, tmp_path:
     # the synthetic suite has no general NLL metric, so no per-metric Pareto (that one is
     # checked against the committed results below and in test_report)
     text = re.sub(r"!\[[^]]*\]\(figures/ewc_medical/pareto_wiki_nll\.png\)", "", text)
+    # the paired v2 study (per-item scores) is checked against the committed results below and
+    # in test_summary_stats; this synthetic tree has none
+    text = re.sub(r"!\[[^]]*\]\(figures/ewc_medical_v2/[^)]*\)", "", text)
+    text = re.sub(r"<!-- fk-table: ewc_medical_v2/\w+ -->.*?<!-- /fk-table -->", "", text,
+                  flags=re.S)
     (p / "paper.md").write_text(text)
     shutil.copytree(results_dir / "ewc_medical", tmp_path / "res" / "ewc_medical")
     # the sweep: the synthetic tree plus an L2 grid (a copy of its EWC grid arms, renamed)
@@ -171,7 +176,8 @@ def test_shipped_paper_figure_links_and_tables_fill(results_dir: Path, tmp_path:
             rec = json.loads(f.read_text())
             f.write_text(json.dumps({**rec, "arm": l2.name}))
     write_tables(sweep)
-    assert main(["--results", str(tmp_path / "res"), "--paper", str(p), "--update"]) == 0
+    assert main(["--results", str(tmp_path / "res"), "--paper", str(p), "--update",
+                 "--experiments", "ewc_medical,ewc_medical_sweep"]) == 0
     text = (p / "paper.md").read_text()
     assert "| naive (n=3) |" in text
     for f in ("pareto", "benchmarks", "curves", "drift", "fisher"):

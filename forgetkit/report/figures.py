@@ -173,12 +173,12 @@ def fig_pareto(res: Results, out: Path, colors: dict[str, Any],
     if extra:
         ax.plot([], [], "D", color="0.4", ms=5, label="WiSE-FT point of the arm (dotted)")
         ax.plot([], [], "s", color="0.4", ms=5, label="merge of the arm (dotted)")
-    _label_points(ax, [(arm, g, f) for arm, g, f in pts] +
-                  [(n.split(":", 1)[1] if n.startswith("wise:") else n.split(":", 1)[1], g, f)
-                   for e in extra.values() for n, g, f, _ in e])
-    # axes fitted to the points and their error bars (the origin, where the base model sits,
-    # only when WiSE-FT points / merges lead toward it)
-    xs, ys = ([0.0], [0.0]) if extra else ([], [])
+    # arms are named by the legend (their colours); the WiSE-FT points and merges get labels
+    _label_points(ax, [(f"α={n.split(':', 1)[1]}" if n.startswith("wise:") else
+                        n.split(":", 1)[1], g, f) for e in extra.values() for n, g, f, _ in e])
+    # axes fitted to the points and their error bars
+    xs: list[float] = []
+    ys: list[float] = []
     for arm, g, f in pts:
         (gl, gh), (fl, fh) = _err(res.agg[arm], "task_gain", g), _err(res.agg[arm], col, f)
         xs += [g - gl, g + gh]
@@ -223,10 +223,11 @@ def _label_points(ax: Any, pts: list[tuple[str, float, float]]) -> None:
     for name, g, f in sorted(pts, key=lambda p: (p[2], p[1])):
         x, y = trans.transform((g, f))
         dy = 6.0
-        while any(abs(x - px) < 60 and abs(y + dy - py) < 10 for px, py in placed):
-            dy += 10.0
+        while any(abs(x - px) < 70 and abs(y + dy - py) < 11 for px, py in placed):
+            dy += 11.0
         placed.append((x, y + dy))
-        ax.annotate(name, (g, f), xytext=(6, dy), textcoords="offset points", fontsize=7.5)
+        ax.annotate(name, (g, f), xytext=(8, dy - 6), textcoords="offset points",
+                    fontsize=7.5, arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5})
 
 
 def headline_paretos(res: Results) -> list[str]:
@@ -409,22 +410,30 @@ def fig_sweeps(res: Results, out: Path, colors: dict[str, Any]) -> list[Figure |
     plt = _plt()
     figs: list[Figure | str] = []
     task = res.metrics("task")
-    fcol, flabel = forgetting_column(res, None)
+    gen = res.metrics("general")
+    # one general metric: its own forgetting, in its unit; else the suite's aggregate
+    fmetric = gen[0] if len(gen) == 1 else None
+    fcol, flabel = forgetting_column(res, fmetric)
     panels = [("task_gain", f"task gain (Δ {_first_task_unit(res)}) ↑"),
               (fcol, _wrap(flabel, 40) + " ↓")]
+
+    def value(a: dict[str, Any], col: str) -> float:
+        v = _fval(res, a, col, fmetric)  # a forgetting, sign-corrected for its direction
+        return math.nan if v is None else v
     for (base, key), pts in sweeps.items():
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         xs = [x for x, _ in pts]
         logx = min(xs) > 0 and max(xs) / min(xs) >= 10
         for ax, (col, label) in zip(axes, panels, strict=True):
-            ys = [_as_float(res.agg[a].get(f"{col}_mean")) for _, a in pts]
+            ys = [value(res.agg[a], col) for _, a in pts]
             es = [_ci(res.agg[a].get(f"{col}_ci95")) for _, a in pts]
-            ax.errorbar(xs, [y if y is not None else math.nan for y in ys], yerr=es, fmt="o-",
-                        color=colors[pts[-1][1]], capsize=3, label=f"{base} (mean ± 95 % CI)")
+            what = "mean ± 95 % CI" if any(e > 0 for e in es) else "no CI: one seed"
+            ax.errorbar(xs, ys, yerr=es, fmt="o-",
+                        color=colors[pts[-1][1]], capsize=3, label=f"{base} ({what})")
             if NAIVE in res.agg:
-                nm = _as_float(res.agg[NAIVE].get(f"{col}_mean"))
+                nm = value(res.agg[NAIVE], col)
                 nc = _ci(res.agg[NAIVE].get(f"{col}_ci95"))
-                if nm is not None:
+                if not math.isnan(nm):
                     ax.axhline(nm, color=colors[NAIVE], ls="--", lw=1, label="naive (λ = 0)")
                     ax.axhspan(nm - nc, nm + nc, color=colors[NAIVE], alpha=0.1, lw=0)
             if logx:
@@ -437,7 +446,8 @@ def fig_sweeps(res: Results, out: Path, colors: dict[str, Any]) -> list[Figure |
         fig.tight_layout()
         stem = f"sweep_{_slug(base)}_{_slug(key.split('.')[-1])}"
         _save(fig, out, stem)
-        figs.append(Figure(stem, f"{base}: task gain and {fcol.replace('_', ' ')} against "
+        what = f"forgetting on {fmetric}" if fmetric else fcol.replace("_", " ")
+        figs.append(Figure(stem, f"{base}: task gain and {what} against "
                                  f"{key} (mean ± 95 % CI over seeds); dashed: naive "
                                  "fine-tuning."))
     return figs

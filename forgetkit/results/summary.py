@@ -46,7 +46,8 @@ COLUMN_DOCS: dict[str, str] = {
                   "(unit-free; sign as <m>_delta)",
     "<m>_lost": "accuracy-type <m>: items right before and wrong after (one run)",
     "<m>_gained": "accuracy-type <m>: items wrong before and right after (one run)",
-    "<m>_mcnemar_p": "exact two-sided McNemar p-value of lost vs gained (one run)",
+    "<m>_mcnemar_p": "exact two-sided McNemar p-value of lost vs gained (one run; in the _agg "
+                     "tables only for an arm of one seed, as <m>_mcnemar_p_mean)",
     "task_gain": "improvement of the first task metric, in its unit (positive = learned; the "
                  "sign is flipped for lower-is-better metrics such as NLL)",
     "task_gain_lo": "lower end of the 95 % CI of task_gain (paired / crossed bootstrap)",
@@ -395,8 +396,8 @@ def _seed_mean_ci(rs_rows: list[dict[str, Any]], skip: tuple[str, ...]) -> dict[
         vals = [r.get(k) for r in rs_rows]
         if k.startswith("grid:"):
             out[k] = vals[0]
-        elif k.endswith(_PER_RUN_ONLY):
-            continue
+        elif k.endswith(_PER_RUN_ONLY) and (len(rs_rows) > 1 or not k.endswith("_mcnemar_p")):
+            continue  # (one seed: its McNemar p is the arm's)
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
             out[f"{k}_mean"], out[f"{k}_ci95"] = mean_ci([float(v) for v in vals])
     return out
