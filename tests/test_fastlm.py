@@ -102,6 +102,11 @@ def test_group_by_context_routes_each_request_once():
     # lm-eval (so its window differs from its sibling's): both go to the parent; empty ones too
     assert groups == [[0, 2], [1, 4]]
     assert rest == [3, 5, 6, 7, 8]
+    # with lm-eval's logits cache, a context whose continuations are all one token ([4]: [8],
+    # [2]) is left to the parent, which already runs it once
+    groups, rest = group_by_context(reqs, max_length=10, one_token_to_parent=True)
+    assert groups == [[0, 2]]
+    assert rest == [1, 3, 4, 5, 6, 7, 8]
 
 
 def test_reference_positions_count_lm_evals_forwards():

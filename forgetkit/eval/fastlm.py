@@ -68,12 +68,15 @@ __all__ = ["SharedContextHFLM", "group_by_context", "reference_positions"]
 Request = tuple[Any, list[int], list[int]]
 
 
-def group_by_context(requests: Sequence[Request], max_length: int
-                     ) -> tuple[list[list[int]], list[int]]:
+def group_by_context(requests: Sequence[Request], max_length: int,
+                     one_token_to_parent: bool = False) -> tuple[list[list[int]], list[int]]:
     """(groups, rest): indices of requests sharing a context, and those the parent must score.
 
     A group has >= 2 requests with identical context token ids, none empty or truncated by
-    lm-eval (``len(context) + len(continuation) <= max_length + 1``). Groups are ordered by
+    lm-eval (``len(context) + len(continuation) <= max_length + 1``). With
+    ``one_token_to_parent`` (lm-eval's ``logits_cache`` on), a group whose continuations are all
+    one token goes to the parent: lm-eval already runs such a context once (lettered answers:
+    " A", " B", ...), and copying a KV cache would only add work. Groups are ordered by
     descending prefix length (then by context ids, for a deterministic order), members in
     request order; ``rest`` is in request order.
     """
@@ -86,7 +89,8 @@ def group_by_context(requests: Sequence[Request], max_length: int
             by_ctx.setdefault(tuple(ctx), []).append(i)
     groups: list[list[int]] = []
     for members in by_ctx.values():
-        if len(members) >= 2:
+        one_token = all(len(requests[i][2]) == 1 for i in members)
+        if len(members) >= 2 and not (one_token_to_parent and one_token):
             groups.append(members)
         else:
             rest.extend(members)
@@ -147,7 +151,8 @@ class SharedContextHFLM(HFLM):
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
         reason = self._static_reason(override_bs)
-        groups = group_by_context(requests, self.max_length)[0] if reason is None else []
+        groups = (group_by_context(requests, self.max_length, bool(self.logits_cache))[0]
+                  if reason is None else [])
         if reason is None and groups:
             reason = self._check_fast_path()
         if reason is not None or not groups:
