@@ -118,13 +118,14 @@ def tables(res: Results) -> list[Table]:
                    f"{'drop' if res.columns[m].get('higher_is_better', True) else 'rise'}, "
                    f"{metric_unit(res.columns[m])}; positive = "
                    "forgot)." for m in res.headline)
+    std = (f" Std. forgetting = mean over the {len([m for m in gen if m not in res.excluded])} "
+           f"general benchmarks{excl} of how much worse (drop or rise) / the base model's "
+           "per-item SD (unit-free)." if _has(res, "std_forgetting") else
+           " (No per-item scores: no paired statistics.)")
     out = [build_table(res, "main", main_columns(res),
                        f"Summary per arm: {ci_note(res)}. Task gain = improvement of "
-                       f"{_first_task_unit(res)}.{head} Std. forgetting = mean over the "
-                       f"{len([m for m in gen if m not in res.excluded])} general benchmarks"
-                       f"{excl} of how much worse (drop or rise) / the base model's per-item SD "
-                       f"(unit-free). Relative forgetting = drop / before; "
-                       "retention = after / before (unpaired).")]
+                       f"{_first_task_unit(res)}.{head}{std} Relative forgetting = mean drop / "
+                       "before; retention = mean after / before (unpaired).")]
     comp = comparison_columns(res)
     if comp:
         b, ref = res.baseline, res.reference

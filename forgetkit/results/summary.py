@@ -378,6 +378,10 @@ def build_tables(root: Path, analysis: Any = None) -> Tables:
         for point in _points(r.summary["after"]):
             prow: dict[str, Any] = {"arm": r.arm, "seed": r.seed, "point": point}
             _unpaired(r.summary, prow, _point_scores(r.summary, point))
+            for h in analysis.headline:  # (the paired statistics below give the same point)
+                if f"{h}_delta" in prow and h in m:
+                    d = prow[f"{h}_delta"]
+                    prow[f"{h}_forgetting"] = -d if m[h]["higher_is_better"] else d
             if r.before_items and point in r.after_items:
                 ps = point_stats(r.before_items, [r.after_items[point]], [r.seed], m,
                                  analysis, rs)
