@@ -398,10 +398,49 @@ def preflight_checks(runs: list[RunSpec]) -> list[Check]:
     return out
 
 
+def analysis_checks(base: Config, runs: list[RunSpec]) -> list[Check]:
+    """``analysis.reference_arm`` names a planned arm that is scored along WiSE-FT's line (else
+    the matched-gain columns would silently be missing); ``analysis.baseline_arm``, when it is
+    not among the arms, only means no paired differences (said, not an error)."""
+    import difflib
+
+    from forgetkit.preflight import Check
+
+    arms = list(dict.fromkeys(r.arm for r in runs))
+    declared = [name for name, _, _ in expand_arms(base.experiment.arms)] or arms
+    out: list[Check] = []
+    ref = base.analysis.reference_arm
+    if ref is not None:
+        if ref not in arms and ref in declared:  # left out by --arms (e.g. make demo)
+            out.append(Check(f"analysis.reference_arm: {ref} is not run here (--arms): no "
+                             "matched-gain columns", True))
+        elif ref not in arms:
+            near = difflib.get_close_matches(ref, declared, n=1)
+            out.append(Check("analysis.reference_arm", False,
+                             f"analysis.reference_arm: {ref!r} is not an arm of this experiment "
+                             f"(arms: {', '.join(declared)})"
+                             + (f"; did you mean {near[0]!r}?" if near else "")))
+        elif not next(r for r in runs if r.arm == ref).cfg.evaluation.wise_alphas:
+            out.append(Check("analysis.reference_arm", False,
+                             f"analysis.reference_arm: arm {ref!r} has no evaluation.wise_alphas: "
+                             "its WiSE-FT curve (the matched-gain reference) would have no "
+                             "points; give the arm e.g. evaluation.wise_alphas: [0.5]"))
+        else:
+            out.append(Check(f"analysis.reference_arm: {ref} (WiSE-FT curve)", True))
+    b = base.analysis.baseline_arm
+    if b is not None and len(arms) > 1:
+        out.append(Check(f"analysis.baseline_arm: {b}" + ("" if b in arms else
+                         " is not among the arms: no paired differences (vs_*) in the tables"),
+                         True))
+    return out
+
+
 def check_plan(base: Config, runs: list[RunSpec], force: bool = False) -> list[Check]:
     """Everything verified before anything is evaluated, trained, moved or deleted: preflight
-    of every run, what happens to existing run folders, and the results directory's lock."""
-    return preflight_checks(runs) + reuse_checks(runs, force) + [lock_check(results_root(base))]
+    of every run, the analysis settings, what happens to existing run folders, and the results
+    directory's lock."""
+    return (preflight_checks(runs) + analysis_checks(base, runs) + reuse_checks(runs, force)
+            + [lock_check(results_root(base))])
 
 
 def format_checks(checks: list[Check]) -> str:

@@ -245,3 +245,29 @@ def test_matched_gain_ci_needs_the_gain_on_the_curve(tree):
     assert agg.loc["top", "matched_in_range"] < 0.95
     assert math.isfinite(agg.loc["top", "excess_std_forgetting"])
     assert math.isnan(agg.loc["top", "excess_std_forgetting_lo"])
+
+
+def test_analysis_settings_are_checked_before_anything_runs(tmp_path):
+    """A reference arm that is not an arm (typo), or has no WiSE-FT points, fails the plan's
+    checks with a did-you-mean; one left out by --arms is only noted."""
+    from conftest import tiny_config_dict
+
+    from forgetkit.runner import analysis_checks, plan_runs
+
+    raw = tiny_config_dict(tmp_path)
+    raw["experiment"] = {"arms": [{"name": "naive"},
+                                  {"name": "naive_wise",
+                                   "overrides": {"evaluation.wise_alphas": [0.5]}}]}
+
+    def checks(analysis, arms=None):
+        base, runs = plan_runs({**raw, "analysis": analysis}, "test", arms=arms)
+        return analysis_checks(base, runs)
+
+    ok = checks({"reference_arm": "naive_wise"})
+    assert all(c.ok for c in ok)
+    bad = checks({"reference_arm": "naive_wis"})
+    assert not bad[0].ok and "did you mean 'naive_wise'" in bad[0].problem
+    nowise = checks({"reference_arm": "naive"})
+    assert not nowise[0].ok and "wise_alphas" in nowise[0].problem
+    left_out = checks({"reference_arm": "naive_wise"}, arms=["naive"])
+    assert left_out[0].ok and "not run here" in left_out[0].what
