@@ -185,14 +185,34 @@ def test_runs_without_items_get_unpaired_columns_only(tmp_path):
     assert "gen_nll_delta_lo" not in row and "std_forgetting" not in row
 
 
-def test_different_items_before_and_after_are_refused(tmp_path):
+def test_different_items_before_and_after_get_no_paired_statistics(tmp_path, caplog):
+    """A metric scored on other items after than before is never paired (a warning says why);
+    the other metrics and the tables are still written."""
     w = World()
     root = tmp_path / "bad"
     before, after = w.scores(0.0), w.scores(1.0)
     after["general"]["acc"]["items"]["id"][0] = "999:other"
     _write_run(root, "naive", 0, before, after)
-    with pytest.raises(ValueError, match="different items"):
+    with caplog.at_level("WARNING", logger="forgetkit"):
         write_tables(root)
+    assert "acc: no paired statistics" in caplog.text and "different items" in caplog.text
+    row = pd.read_csv(root / "summary.csv").iloc[0]
+    assert "acc_delta_lo" not in row and math.isfinite(row["acc_delta"])
+    assert math.isfinite(row["gen_nll_delta_lo"])
+
+
+def test_agg_points_are_those_of_their_intervals(tree):
+    """Where one seed lacks a metric's items, the crossed statistics leave that metric out for
+    the arm; the agg point of every paired column is then the crossed one, inside its CI."""
+    root, w, before, analysis = tree
+    d = root / "half" / "seed-1"
+    t = read_json(d / "eval_after.json")
+    t["general"]["acc"]["items"]["mean_equals_value"] = False
+    write_json(d / "eval_after.json", t)
+    write_tables(root, analysis)
+    a = pd.read_csv(root / "summary_agg.csv").set_index("arm").loc["half"]
+    for c in ("std_forgetting", "task_gain", "gen_nll_forgetting"):
+        assert a[f"{c}_lo"] <= a[f"{c}_mean"] <= a[f"{c}_hi"], c
 
 
 def test_report_of_a_paired_tree(tree, tmp_path):
@@ -221,7 +241,9 @@ def test_report_of_a_paired_tree(tree, tmp_path):
     assert "paired bootstrap" in main and " [" in main.splitlines()[-1]
     comp = (tmp_path / "report" / "table_comparison.md").read_text()
     assert "Task gain − ref" in comp and "excess at matched gain" in comp
-    assert "| ref (n=2)" not in comp  # the baseline has no row of differences to itself
+    # the baseline's own row: no differences to itself (n/a), its matched-gain excess is shown
+    # when it has one (here it is the reference curve itself: n/a too)
+    assert "| ref (n=2) | n/a | n/a |" in comp
     cap = next(f.caption for f in rep.figures if f.stem == "benchmarks")
     assert "paired bootstrap CI" in cap and "flat" in cap.split("Unchanged in every arm")[1]
     assert (tmp_path / "report" / "pareto.png").stat().st_size > 10_000

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetkit.report.loading import NAIVE, Results, _as_float, _has, _mean, arm_base, metric_unit
-from forgetkit.report.tables import Table, _first_task_unit, _paired, ci_note
+from forgetkit.report.tables import Table, _first_task_unit, _paired, ci_note, std_n
 from forgetkit.results import read_json
 from forgetkit.results.forgetting import forgetting
 
@@ -112,7 +112,7 @@ def forgetting_column(res: Results, metric: str | None) -> tuple[str, str]:
         return col, f"forgetting on {metric} ({change}, {metric_unit(res.columns[metric])})"
     gen = res.metrics("general")
     if _has(res, "std_forgetting"):
-        return "std_forgetting", (f"std. forgetting: mean over {len(gen)} general benchmarks "
+        return "std_forgetting", (f"std. forgetting: mean over {std_n(res)} general benchmarks "
                                   "of drop / base per-item SD")
     return "mean_rel_forgetting", f"relative forgetting: mean over {len(gen)} general drop/before"
 
@@ -304,9 +304,9 @@ def fig_benchmarks(res: Results, out: Path, colors: dict[str, Any]) -> Figure | 
         axes[j // ncol][j % ncol].set_visible(False)
     if paired:
         fig.suptitle(f"{res.name}: change after − before per benchmark and arm, with its "
-                     "95 % paired bootstrap CI")
-        caption = ("Per benchmark, each arm's change after - before fine-tuning with its 95 % "
-                   "paired bootstrap CI over items (crossed with seeds when there are several); "
+                     f"{res.conf_pct} paired bootstrap CI")
+        caption = ("Per benchmark, each arm's change after - before fine-tuning with its "
+                   f"{res.conf_pct} paired bootstrap CI over items (crossed with seeds when there are several); "
                    "arrows give the better direction.")
         if flat_panels:
             caption += (" Unchanged in every arm (no item scored differently): "

@@ -30,6 +30,11 @@ class Results:
     reference: str | None = None                # analysis.reference_arm (matched gain)
     excluded: list[str] = field(default_factory=list)  # analysis.aggregate_exclude
     baseline: str | None = None                 # analysis.baseline_arm (paired differences)
+    confidence: float = 0.95                    # analysis.confidence (the bootstrap CIs)
+
+    @property
+    def conf_pct(self) -> str:
+        return f"{100 * self.confidence:g} %"
     points: list[dict[str, Any]] = field(default_factory=list)  # points_agg.csv rows
 
     @property
@@ -121,7 +126,7 @@ def load_results(root: Path | str) -> Results:
                    headline=[m for m in analysis.headline if m in columns],
                    reference=analysis.reference_arm, points=points,
                    excluded=list(analysis.aggregate_exclude),
-                   baseline=analysis.baseline_arm)
+                   baseline=analysis.baseline_arm, confidence=analysis.confidence)
 
 
 # ----------------------------------------------------------------------------- units, format

@@ -100,25 +100,34 @@ def cell(a: dict[str, Any], c: str, d: int) -> str:
     return fmt(m, d) + (f" ± {fmt(h, d)}" if h is not None else "")
 
 
+def std_n(res: Results) -> str:
+    """How many general metrics std_forgetting averages (its recorded count; a range when arms
+    differ, e.g. a metric without per-item scores in some runs)."""
+    ns = sorted({int(v) for a in res.agg.values()
+                 if (v := _as_float(a.get("std_forgetting_n"))) is not None})
+    if not ns:
+        return str(len([m for m in res.metrics("general") if m not in res.excluded]))
+    return str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+
+
 def _paired(res: Results) -> bool:
     return any(_as_float(a.get("task_gain_lo")) is not None for a in res.agg.values())
 
 
 def ci_note(res: Results) -> str:
     if _paired(res):
-        return ("mean over seeds [95 % CI: paired bootstrap over items, crossed with the seeds "
-                "when there are several]")
+        return (f"mean over seeds [{res.conf_pct} CI: paired bootstrap over items, crossed "
+                "with the seeds when there are several]")
     return "mean ± 95 % CI over seeds (t-distribution)"
 
 
 def tables(res: Results) -> list[Table]:
-    gen = res.metrics("general")
     excl = f" except {', '.join(res.excluded)}" if res.excluded else ""
     head = "".join(f" Forgetting: {m} = how much worse it got ("
                    f"{'drop' if res.columns[m].get('higher_is_better', True) else 'rise'}, "
                    f"{metric_unit(res.columns[m])}; positive = "
                    "forgot)." for m in res.headline)
-    std = (f" Std. forgetting = mean over the {len([m for m in gen if m not in res.excluded])} "
+    std = (f" Std. forgetting = mean over the {std_n(res)} "
            f"general benchmarks{excl} of how much worse (drop or rise) / the base model's "
            "per-item SD (unit-free)." if _has(res, "std_forgetting") else
            " (No per-item scores: no paired statistics.)")
@@ -136,8 +145,9 @@ def tables(res: Results) -> list[Table]:
             "of the difference. Excess at matched gain = the arm's forgetting minus that of "
             f"{ref}'s WiSE-FT curve (base, its alphas, its final model; linear in between) at "
             "the arm's own task gain: negative = forgot less than merging the reference toward "
-            "the base would at equal learning; n/a outside the curve (no extrapolation).",
-            skip=(b,) if b else ()))
+            "the base would at equal learning; n/a outside the curve (no extrapolation); a "
+            "value without an interval: fewer than 95 % of the replicates put the arm's gain "
+            "on the curve."))
     metrics = res.metrics()
     if metrics:
         first = next(iter(res.agg.values()), {})

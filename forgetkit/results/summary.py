@@ -14,6 +14,7 @@ unpaired columns only; their paired columns are empty, never approximated.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ import numpy as np
 from forgetkit.results import SUMMARY, read_json, write_json, write_text
 from forgetkit.results.forgetting import mean_ci, retention_ratio, task_gain
 from forgetkit.results.stats import Resampler, interpolate_at, paired_delta, percentile_ci
+
+log = logging.getLogger("forgetkit")
 
 ANALYSIS_FILE = "analysis.json"
 FINAL = "final"
@@ -195,6 +198,7 @@ class PointStats:
     forgetting_reps: dict[str, np.ndarray] = field(default_factory=dict)  # measure -> reps
     forgetting: dict[str, float] = field(default_factory=dict)
     gain: float = math.nan
+    skipped: dict[str, str] = field(default_factory=dict)  # metric -> why it has no paired stats
 
 
 def point_stats(before: dict[str, dict[str, Any]], afters: Sequence[dict[str, dict[str, Any]]],
@@ -214,8 +218,13 @@ def point_stats(before: dict[str, dict[str, Any]], afters: Sequence[dict[str, di
     for m, c in meta.items():
         if m not in before or any(m not in a for a in afters):
             continue
-        d = paired_delta(before[m], [a[m] for a in afters], rs, m, seeds=seeds,
-                         confidence=conf)
+        try:
+            d = paired_delta(before[m], [a[m] for a in afters], rs, m, seeds=seeds,
+                             confidence=conf)
+        except ValueError as e:  # e.g. before and after scored on different items
+            log.warning("%s: no paired statistics (%s)", m, e)
+            ps.skipped[m] = str(e)
+            continue
         hib = c["higher_is_better"]
         cols[f"{m}_delta"] = d["delta"]
         cols[f"{m}_delta_lo"], cols[f"{m}_delta_hi"] = d["lo"], d["hi"]
@@ -432,11 +441,19 @@ def _aggregate(runs: list[RunRecord], rows: list[dict[str, Any]], points: list[d
                                  [r.seed for r in rr], meta, analysis, rs)
                 crossed[(arm, point)] = ps
                 a.update({k: v for k, v in ps.columns.items() if k.endswith(("_lo", "_hi", "_n"))})
+                # the point of a paired column is the crossed statistic's (the CI's own point;
+                # the mean of per-run values differs where a run lacks a metric's items)
+                a.update({f"{k}_mean": v for k, v in ps.columns.items()
+                          if not k.endswith(("_lo", "_hi", "_n", "_lost", "_gained",
+                                             "_mcnemar_p"))})
             points_agg.append(a)
     ref = analysis.reference_arm
     curve: list[PointStats] = []
     if ref and ref in by_arm:
-        wise = sorted((p for (arm, p) in crossed if arm == ref and p.startswith("wise:")),
+        # the curve from the base (α 0) to the final model (α 1): alphas outside (0, 1) are
+        # extrapolations, not points of it
+        wise = sorted((p for (arm, p) in crossed if arm == ref and p.startswith("wise:")
+                       and 0.0 < float(p.split(":", 1)[1]) < 1.0),
                       key=lambda p: float(p.split(":", 1)[1]))
         if (ref, FINAL) in crossed:
             curve = [crossed[(ref, p)] for p in wise] + [crossed[(ref, FINAL)]]
@@ -455,7 +472,7 @@ def _aggregate(runs: list[RunRecord], rows: list[dict[str, Any]], points: list[d
         a = {"arm": arm, "n_seeds": len(run_rows)}
         a.update(_seed_mean_ci(run_rows, ("arm", "seed", "status")))
         final = next((p for p in points_agg if p["arm"] == arm and p["point"] == FINAL), {})
-        a.update({k: v for k, v in final.items() if k.endswith(("_lo", "_hi", "_n"))
+        a.update({k: v for k, v in final.items() if k.endswith(("_lo", "_hi", "_n", "_mean"))
                   or k.startswith(("ref_", "excess_", "vs_")) or k == "matched_in_range"})
         agg.append(a)
     return agg, points_agg
