@@ -227,7 +227,11 @@ def test_memory_line_says_what_it_compares():
     base = current_rss_bytes()
     assert base > 10_000_000
     m = measured_peak_bytes(baseline_rss=base)
-    assert m["baseline_rss_bytes"] == base and m["host_growth_bytes"] >= 0
+    assert m["baseline_rss_bytes"] == base
+    # the growth is the peak RSS over the baseline, or 0 (and masked) when the peak came first
+    rss = m["host_peak_rss_bytes"]
+    assert m["host_growth_bytes"] == max(0, rss - base)
+    assert m["growth_masked"] == (rss <= base)
     cpu = {"device": "cpu", "peak_bytes": 9 * g, "host_peak_rss_bytes": 9 * g,
            "baseline_rss_bytes": 2 * g, "host_growth_bytes": 3 * g, "growth_masked": False}
     line = memory_line(e, cpu)
