@@ -430,12 +430,6 @@ def check_all(cfg: Config, targets: list[Target], name_checks: list[Check], root
             + reuse_checks(cfg, targets, force) + [lock_check(root)])
 
 
-def format_checks(checks: list[Check]) -> str:
-    from forgetkit.runner import format_checks as fmt
-
-    return fmt(checks)
-
-
 # ----------------------------------------------------------------------------- the plan
 
 def _items(spec: Any) -> str:
@@ -684,18 +678,16 @@ def evaluate_checkpoints(cfg: Config, targets: list[Target], root: Path, base_gi
     """
     from forgetkit.locking import dir_lock
     from forgetkit.preflight import raise_on_problems
-    from forgetkit.results import is_finished, write_json
-    from forgetkit.results.summary import ANALYSIS_FILE, write_tables
-    from forgetkit.runner import RunInterrupted, _prune_empty, inside
+    from forgetkit.results import is_finished
+    from forgetkit.results.summary import write_tables
+    from forgetkit.runner import RunInterrupted, _prune_empty, inside, write_plan_files
 
     outcome = Outcome(root, len(targets))
     with dir_lock(root, "results directory"):
         raise_on_problems(reuse_checks(cfg, targets, force), src or TOOL)
-        write_json(root / ANALYSIS_FILE, config_to_dict(cfg.analysis))
-        write_json(root / "plan.json", {
-            "experiment": cfg.name, "tool": TOOL, "base": base_given,
-            "runs": [{"arm": t.name, "seed": t.seed, "grid": {}, "dir": str(t.dir),
-                      "tuned": str(t.path)} for t in targets]})
+        write_plan_files(root, cfg, [{"arm": t.name, "seed": t.seed, "grid": {},
+                                      "dir": str(t.dir), "tuned": str(t.path)}
+                                     for t in targets], tool=TOOL, base=base_given)
         stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
         for i, t in enumerate(targets, 1):
             head = f"[{i}/{len(targets)}] {t.label} ({t.path})"
@@ -752,7 +744,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)
 
     from forgetkit import assets  # noqa: F401  (registers model and dataset aliases)
-    from forgetkit.preflight import raise_on_problems
 
     raw = read_yaml(args.config)
     over = parse_overrides(args.overrides)
@@ -761,11 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.out) if args.out else default_out(cfg)
     targets, name_checks = plan_targets(parse_tuned(args.tuned), root)
     checks = check_all(cfg, targets, name_checks, root, args.force)
-    print(describe(cfg, targets, root, args.force), file=sys.stderr)
-    if args.dry_run:
-        print("checks:\n" + format_checks(checks), file=sys.stderr)
-    raise_on_problems(checks, src)
-    if args.dry_run:
+    from forgetkit.runner import show_plan
+
+    if show_plan(describe(cfg, targets, root, args.force), checks, src, args.dry_run):
         return 0
     setup_logging(debug_enabled(argv))
     outcome = evaluate_checkpoints(cfg, targets, root, args.base, force=args.force, src=src)

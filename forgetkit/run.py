@@ -46,14 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)  # options and overrides in any order
 
     from forgetkit import assets  # noqa: F401  (registers model and dataset aliases)
-    from forgetkit.preflight import raise_on_problems
-    from forgetkit.runner import (
-        check_plan,
-        describe_plan,
-        format_checks,
-        plan_runs,
-        run_experiment,
-    )
+    from forgetkit.runner import check_plan, describe_plan, plan_runs, run_experiment, show_plan
 
     raw = read_yaml(args.config)
     over = parse_overrides(args.overrides)
@@ -63,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = _int_list(args.seeds) if args.seeds else None
     base, runs = plan_runs(raw, src, arms, seeds)  # every arm validated before anything runs
     checks = check_plan(base, runs, force=args.force)  # inputs, finished runs, the lock
-    print(describe_plan(base, runs), file=sys.stderr)
-    if args.dry_run:
-        print("checks:\n" + format_checks(checks), file=sys.stderr)
-    raise_on_problems(checks, src)
-    if args.dry_run:
+    if show_plan(describe_plan(base, runs), checks, src, args.dry_run):
         return 0
     setup_logging(debug_enabled(argv))
     outcome = run_experiment(base, runs, force=args.force, src=src, checks=checks)

@@ -443,6 +443,19 @@ def check_plan(base: Config, runs: list[RunSpec], force: bool = False) -> list[C
             + [lock_check(results_root(base))])
 
 
+def show_plan(plan: str, checks: list[Check], src: str, dry_run: bool) -> bool:
+    """What the command-line faces (forgetkit.run, forgetkit.evaluate) do before acting: print
+    the plan (and, on a dry run, every check), raise ConfigError on a failed check; True on a
+    dry run (the caller stops there)."""
+    from forgetkit.preflight import raise_on_problems
+
+    print(plan, file=sys.stderr)
+    if dry_run:
+        print("checks:\n" + format_checks(checks), file=sys.stderr)
+    raise_on_problems(checks, src)
+    return dry_run
+
+
 def format_checks(checks: list[Check]) -> str:
     """One line per distinct check (runs that share an input report it once)."""
     lines = [f"  {'✓' if c.ok else '✗'} {c.what if c.ok else c.problem or c.what}"
@@ -927,6 +940,15 @@ def _drop_replaced(run: RunSpec, root: Path) -> None:
         _prune_empty(old.parent, root / REPLACED)
 
 
+def write_plan_files(root: Path, cfg: Config, runs: list[dict[str, Any]], **extra: Any) -> None:
+    """``plan.json`` (what is run) and ``analysis.json`` (the analysis settings the tables are
+    computed with, forgetkit.results.summary) at the root of a results tree."""
+    from forgetkit.results.summary import ANALYSIS_FILE
+
+    write_json(root / ANALYSIS_FILE, config_to_dict(cfg.analysis))
+    write_json(root / "plan.json", {"experiment": cfg.name, **extra, "runs": runs})
+
+
 def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
                    src: str | None = None, checks: list[Check] | None = None) -> Outcome:
     """Execute (or resume) every run; one run's failure is recorded and the others continue.
@@ -943,7 +965,7 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
     """
     from forgetkit.locking import dir_lock
     from forgetkit.preflight import raise_on_problems
-    from forgetkit.results.summary import ANALYSIS_FILE, write_tables
+    from forgetkit.results.summary import write_tables
 
     src = src or f"experiment '{base.name}'"
     raise_on_problems(preflight_checks(runs) if checks is None else checks, src)
@@ -955,11 +977,8 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
         for w in _orphaned_replacements(runs, root):
             log.warning("%s", w)
             outcome.warnings.append(w)
-        # the analysis settings the tables are computed with (forgetkit.results.summary)
-        write_json(root / ANALYSIS_FILE, config_to_dict(base.analysis))
-        write_json(root / "plan.json", {"experiment": base.name,
-                                        "runs": [{"arm": r.arm, "seed": r.seed, "grid": r.grid,
-                                                  "dir": str(r.dir)} for r in runs]})
+        write_plan_files(root, base, [{"arm": r.arm, "seed": r.seed, "grid": r.grid,
+                                       "dir": str(r.dir)} for r in runs])
         stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
         for i, run in enumerate(runs, 1):
             head = f"[run {i}/{len(runs)}] arm={run.arm} seed={run.seed}"
