@@ -50,6 +50,7 @@ __all__ = [
     "FORMAT_FIELDS",
     "ModelConfig",
     "DatasetSpec",
+    "ReplaySource",
     "ReplayConfig",
     "DataConfig",
     "TrainingConfig",
@@ -68,6 +69,9 @@ __all__ = [
     "EvaluationConfig",
     "ArmSpec",
     "ExperimentOptions",
+    "SequenceReplayConfig",
+    "StageSpec",
+    "SequenceConfig",
     "Config",
     "load_config",
     "config_from_dict",
@@ -142,6 +146,17 @@ class DatasetSpec:
     shuffle_before_limit: bool = _f(True)
 
 
+@dataclass
+class ReplaySource:
+    """One further source of replay examples: a seeded buffer of ``examples`` records of
+    ``data`` (``forgetkit.data.sets.replay_buffer``). A task sequence's runner writes one per
+    earlier stage (``sequence.replay``); a config may also list its own."""
+
+    data: DatasetSpec = _f(missing="a replay source needs a data source")
+    examples: int | None = _f(None, ge=1, doc="buffer size: a seeded subset of this many records "
+                              "(after the source's own limit); null: all of them")
+
+
 @dataclass(kw_only=True)
 class ReplayConfig:
     """Replay (rehearsal): general examples mixed into the fine-tuning stream.
@@ -153,11 +168,16 @@ class ReplayConfig:
     ``n_replay = round(ratio * T)`` of the ``T = n_task + n_replay`` examples of the epoch's
     stream are replay (T the smallest total for which that holds), spread evenly, drawn without
     replacement from a seeded permutation of the replay pool (cycling when an epoch needs more).
+
+    The pool is ``data``'s examples followed by each of ``sources`` (a seeded buffer each), in
+    order; at least one of the two is required. A task sequence (``sequence.replay``) fills
+    ``sources`` with a buffer of every earlier stage's training data.
     """
 
-    data: DatasetSpec = _f(missing="replay needs a data source (the general data to mix in)",
-                           doc="the general data whose examples are mixed in")
+    data: DatasetSpec | None = _f(None, doc="the general data whose examples are mixed in")
     ratio: float = _f(0.1, gt=0.0, lt=1.0, doc="fraction of the training stream that is replay")
+    sources: list[ReplaySource] = _f(factory=list, doc="further replay sources (seeded buffers), "
+                                     "pooled with data")
 
 
 @dataclass
@@ -283,6 +303,12 @@ class L2Config:
     the loss gradient (before the clip); decoupled: ``theta <- theta - lr * lam * (theta -
     theta0)`` after each optimizer step, outside the optimizer's preconditioning
     (:class:`forgetkit.regularizers.l2.L2SP`; every field but ``type`` is its argument).
+
+    ``anchor`` says which weights theta0 is in a task sequence: ``previous`` (default) the
+    stage's initial model (the previous stage's final one), ``base`` the sequence's base model.
+    In a single run both are the initial model. ``anchor_path`` is filled by the runner (the
+    base model's checkpoint, for ``base`` in stages after the first); set by hand it names a
+    local safetensors checkpoint whose tensors become theta0, checked by name and shape.
     """
 
     DATA_KEYS: ClassVar[tuple[str, ...]] = ()
@@ -294,6 +320,11 @@ class L2Config:
     exclude: list[str] = _f(factory=list)
     anchor_dtype: Literal["float32", "bfloat16", "float16"] = _f(
         "float32", doc="dtype theta0 is kept in")
+    anchor: Literal["previous", "base"] = _f(
+        "previous", doc="task sequence: theta0 = the stage's initial model (previous) or the "
+        "sequence's base model (base)")
+    anchor_path: str | None = _f(None, doc="load theta0 from this local safetensors checkpoint "
+                                 "(the runner sets it for anchor: base)")
 
 
 @dataclass
@@ -465,6 +496,40 @@ class ExperimentOptions:
 
 
 @dataclass
+class SequenceReplayConfig:
+    """Replay from the earlier stages of a task sequence: stage ``k``'s replay pool holds a
+    seeded buffer of ``buffer_per_stage`` records of each earlier stage's training data (and the
+    arm's own ``data.replay.data``, if any), mixed at exactly ``ratio`` (the batch planner's
+    rule, :class:`ReplayConfig`). Stage 0 has no sequence replay."""
+
+    ratio: float = _f(0.1, gt=0.0, lt=1.0, doc="fraction of each stage's stream that is replay")
+    buffer_per_stage: int = _f(64, ge=1, doc="records kept of each earlier stage's data")
+
+
+@dataclass
+class StageSpec:
+    """One stage of a task sequence: fine-tune on ``data`` (its ``data.train``), scored by the
+    evaluation.task metric ``metric``; ``overrides`` apply after the arm's."""
+
+    name: str = _f(missing="a stage needs a name (a safe name: its folder is stage-<k>-<name>)")
+    data: DatasetSpec = _f(missing="a stage needs its training data (it becomes data.train)")
+    metric: str = _f(missing="a stage needs the name of the evaluation.task metric that scores "
+                     "its task")
+    overrides: dict[str, Any] = _f(factory=dict, doc="dotted overrides of this stage (after the "
+                                   "arm's), as in experiment.arms")
+
+
+@dataclass
+class SequenceConfig:
+    """A task sequence (continual fine-tuning): stage ``k >= 1`` fine-tunes stage ``k-1``'s
+    final model; every stage is scored on every stage's metric and the general suite
+    (``forgetkit.runner``, ``forgetkit.results.sequence``)."""
+
+    stages: list[StageSpec] = _f(missing="a sequence needs its stages (at least two)")
+    replay: SequenceReplayConfig | None = _f(None, doc="replay from earlier stages' data")
+
+
+@dataclass
 class Config:
     name: str = _f("run")
     seed: int = _f(0)
@@ -477,6 +542,8 @@ class Config:
     evaluation: EvaluationConfig = _f(factory=EvaluationConfig)
     experiment: ExperimentOptions = _f(factory=ExperimentOptions)
     analysis: AnalysisConfig = _f(factory=AnalysisConfig)
+    sequence: SequenceConfig | None = _f(None, doc="a task sequence: the runner expands every "
+                                         "arm x seed into one run per stage")
 
     def output_dir(self) -> Path:
         return Path(self.output.dir.format(name=self.name))
@@ -795,6 +862,30 @@ def _ewc_check(self: EWCConfig, where: str, src: str) -> None:
                           f"'clamp', got postprocess '{self.fisher_postprocess}'")
 
 
+def _replay_check(self: ReplayConfig, where: str, src: str) -> None:
+    if self.data is None and not self.sources:
+        raise ConfigError(f"{src}: {where}.data: missing; replay needs a data source (the "
+                          "general data to mix in)")
+
+
+def _sequence_check(self: SequenceConfig, where: str, src: str) -> None:
+    if len(self.stages) < 2:
+        raise ConfigError(f"{src}: {where}.stages: a sequence needs at least two stages, got "
+                          f"{len(self.stages)}; for one task drop the sequence section (and set "
+                          "data.train)")
+    seen: dict[str, int] = {}
+    for i, st in enumerate(self.stages):
+        check_slug(st.name, f"{where}.stages[{i}].name", src)
+        if st.name in seen:
+            raise ConfigError(f"{src}: {where}.stages[{i}].name: {st.name!r} is already the name "
+                              f"of {where}.stages[{seen[st.name]}]; stage names must be unique")
+        seen[st.name] = i
+        for k in st.overrides:
+            if k == "sequence" or k.startswith("sequence."):
+                raise ConfigError(f"{src}: {where}.stages[{i}].overrides.{k}: a stage cannot "
+                                  "change the sequence itself (set it in the config or an arm)")
+
+
 def _output_check(self: OutputConfig, where: str, src: str) -> None:
     dup = sorted({t for t in self.trackers if self.trackers.count(t) > 1})
     if dup:
@@ -915,6 +1006,22 @@ def _config_check(self: Config, where: str, src: str) -> None:
                 hint = f"; did you mean {near[0]!r}?" if near else ""
                 raise ConfigError(f"{src}: analysis.{key}[{i}]: {n!r} is not a general metric "
                                   f"(evaluation.general: {', '.join(general) or 'none'}){hint}")
+    for i, rc in enumerate(self.regularizers):
+        if rc.type == "l2" and (rc.anchor == "base" or rc.anchor_path) \
+                and self.training.lora is not None:
+            raise ConfigError(f"{src}: regularizers[{i}].anchor: 'base' (or an anchor_path) "
+                              "is not possible with training.lora (the trained parameters are "
+                              "adapters, which the base checkpoint has none of); use anchor: "
+                              "previous")
+    if self.sequence is not None:
+        task = [m.name for m in self.evaluation.task]
+        for i, st in enumerate(self.sequence.stages):
+            if st.metric not in task:
+                near = difflib.get_close_matches(st.metric, task, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ConfigError(f"{src}: sequence.stages[{i}].metric: {st.metric!r} is not an "
+                                  f"evaluation.task metric (evaluation.task: "
+                                  f"{', '.join(task) or 'none'}){hint}")
     if self.training.clip_scope == "loss" and self.distributed.strategy == "deepspeed":
         raise ConfigError(f"{src}: training.clip_scope: 'loss' is not possible with "
                           "distributed.strategy 'deepspeed' (the engine clips inside its step, "
@@ -931,6 +1038,8 @@ MetricSpec._check = _metric_check  # type: ignore[attr-defined]
 ArmSpec._check = _arm_check  # type: ignore[attr-defined]
 MergeSpec._check = _merge_check  # type: ignore[attr-defined]
 EvaluationConfig._check = _evaluation_check  # type: ignore[attr-defined]
+ReplayConfig._check = _replay_check  # type: ignore[attr-defined]
+SequenceConfig._check = _sequence_check  # type: ignore[attr-defined]
 
 
 def parse_overrides(items: list[str], src: str = "command line") -> dict[str, Any]:
@@ -1122,7 +1231,10 @@ def regularizer_data_specs(cfg: Config) -> Iterator[tuple[str, DatasetSpec]]:
     """(dotted key, spec) of every data source the mitigations read: ``data.replay.data``, then
     each regularizer's (EWC ``fisher_data``, KL ``data``), in config order."""
     if cfg.data.replay is not None:
-        yield "data.replay.data", cfg.data.replay.data
+        if cfg.data.replay.data is not None:
+            yield "data.replay.data", cfg.data.replay.data
+        for i, src in enumerate(cfg.data.replay.sources):
+            yield f"data.replay.sources[{i}].data", src.data
     for i, rc in enumerate(cfg.regularizers):
         for k in rc.DATA_KEYS:
             spec = getattr(rc, k)

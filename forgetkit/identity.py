@@ -14,8 +14,10 @@ This module imports only forgetkit.config (it sits just above it in the import g
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +78,17 @@ NUMERICS_CHANGES: dict[int, str] = {
 # identity without one was computed at its default (the key did not exist), so it is read as
 # that default rather than as a change. A key that changes what a default run computes must
 # never be listed here (bump NUMERICS_VERSION instead).
-ADDED_KEYS: tuple[str, ...] = ("training.lora", "training.freeze.", "evaluation.merge")
+ADDED_KEYS: tuple[str, ...] = ("training.lora", "training.freeze.", "evaluation.merge",
+                               "sequence")
+
+# Keys added inside optional or repeated sections (which Config()'s defaults do not spell out):
+# (regex of the parent key that must be present, the added key with ``{0}`` for the parent's
+# index, the default). A saved identity with the parent but not the key ran at the default.
+ADDED_NESTED: tuple[tuple[str, str, Any, Any], ...] = (
+    (r"^data\.replay\.ratio$", "data.replay.sources", None, []),
+    (r"^regularizers\.(\d+)\.type$", "regularizers.{0}.anchor", "l2", "previous"),
+    (r"^regularizers\.(\d+)\.type$", "regularizers.{0}.anchor_path", "l2", None),
+)
 
 
 def fill_added_keys(ident: dict[str, Any], like: dict[str, Any] | None = None
@@ -89,6 +101,14 @@ def fill_added_keys(ident: dict[str, Any], like: dict[str, Any] | None = None
     for k, v in flat.items():
         if _excluded(k, ADDED_KEYS) and k not in ident and (like is None or k in like):
             ident[k] = v
+    for parent, key, value, default in ADDED_NESTED:
+        for k in list(ident):
+            m = re.match(parent, k)
+            if m is None or (value is not None and ident[k] != value):
+                continue
+            added = key.format(*m.groups())
+            if added not in ident and (like is None or added in like):
+                ident[added] = copy.deepcopy(default)
     return ident
 
 

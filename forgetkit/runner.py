@@ -16,6 +16,41 @@ launcher), whether each finished run still matches its requested config (``ident
 and whether the results directory is free. While it runs, :func:`run_experiment` holds the
 results directory's lock. A finished run is reused only while its identity matches; ``force``
 sets it aside under ``_replaced/`` and deletes it only once the new run has succeeded.
+
+Task sequences (``sequence:``, :func:`plan_runs`): every arm x seed becomes one run per stage,
+``<root>/<arm>/seed-<s>/stage-<k>-<name>/``, run in stage order with the machinery above (each
+stage is a run: identity, reuse, --force, lock, resume from its own checkpoints, failures).
+
+* Stage ``k`` trains on its stage's ``data`` (``data.train``) with the arm's overrides, then the
+  stage's; stage ``k >= 1`` starts from stage ``k-1``'s final ``model/`` (``model.name_or_path``)
+  and is not started when stage ``k-1`` did not finish in this invocation (reported as failed).
+* Identity: a stage's identity is its resolved config (stage ``k >= 1``'s
+  ``model.name_or_path`` and the chained Fisher path named by role, never by path or mtime)
+  plus ``sequence.stage.*`` and ``sequence.previous``, the digest of stage ``k-1``'s identity:
+  a hash chain, so changing stage 0 invalidates every later stage. The stage's metric is not in
+  it (it only picks a column of the matrix, recomputed from the stages' files).
+* Before-scores: stage 0's are the cached base scores; stage ``k >= 1``'s are stage ``k-1``'s
+  ``eval_after.json`` (copied, not re-evaluated; its WiSE-FT/merge points left out). WiSE-FT,
+  merges and ``drift.json`` of stage ``k`` are relative to its own start (stage ``k-1``'s model).
+* Files: a stage's ``checkpoints/`` is deleted when it finishes, its ``model/`` once the next
+  stage of that arm x seed has finished (the last stage's at its end); with
+  ``experiment.keep_checkpoints`` nothing is deleted. A stage to be trained whose finished
+  predecessor's model was deleted is a failed check (rerun with --force).
+* Regularizers: online EWC (``online_gamma``) at stage ``k >= 1`` estimates its new Fisher on
+  ``fisher_examples`` examples of stage ``k-1``'s training data at stage ``k``'s start (stage
+  ``k-1``'s end) and adds ``gamma`` times stage ``k-1``'s accumulated Fisher (that run's own copy
+  ``fisher-<name>.safetensors``), Schwarz et al. 2018; stage 0 does what its config says. EWC
+  without ``online_gamma`` does what its config says at every stage start (a ``fisher_path``
+  file is read as is; otherwise the Fisher of ``fisher_data`` is estimated at the stage's start
+  weights; stages after the first do not use the shared Fisher cache, whose key is the base
+  model). L2-SP ``anchor: base`` at stage ``k >= 1`` reads theta0 from the base model's
+  checkpoint (``anchor_path``, set when the stage starts).
+* Replay: ``sequence.replay`` gives stage ``k >= 1`` a seeded buffer of ``buffer_per_stage``
+  records of each earlier stage's data (``data.replay.sources``), pooled with the arm's own
+  ``data.replay.data`` and mixed at ``sequence.replay.ratio``.
+* Results: once every stage of an arm x seed has finished, ``<arm>/seed-<s>/sequence.json``
+  (:func:`forgetkit.results.sequence.sequence_record`) and the root's ``sequence_matrix.csv``
+  and ``sequence_summary.csv``; stage runs are not rows of ``summary.csv``.
 """
 
 from __future__ import annotations
@@ -80,24 +115,78 @@ log = logging.getLogger("forgetkit")
 
 
 @dataclass
+class Stage:
+    """Where a run stands in a task sequence."""
+
+    index: int  # 0-based position in the sequence
+    name: str
+    count: int  # stages in the sequence
+    metric: str  # the evaluation.task metric that scores this stage's task
+    prev: RunSpec | None = field(default=None, repr=False)  # stage index-1 of this arm x seed
+
+    @property
+    def folder(self) -> str:
+        return f"stage-{self.index}-{self.name}"
+
+    def record(self) -> dict[str, Any]:
+        """The ``stage`` field of the run's summary.json."""
+        return {"index": self.index, "name": self.name, "count": self.count,
+                "metric": self.metric}
+
+
+@dataclass
 class RunSpec:
     arm: str
     seed: int
     grid: dict[str, Any]
     cfg: Config
     dir: Path
+    stage: Stage | None = None
     _identity: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
+        if self.stage is not None:
+            return f"{self.arm} seed {self.seed} stage {self.stage.index}-{self.stage.name}"
         return f"{self.arm} seed {self.seed}"
 
     def identity(self) -> dict[str, Any]:
         """The run's identity (computed once: it hashes the data files); see
-        :func:`identity_of`."""
+        :func:`identity_of` and, for a stage of a sequence, :func:`stage_identity`."""
         if self._identity is None:
-            self._identity = identity_of(self.cfg)
+            ident = identity_of(self.cfg)
+            self._identity = stage_identity(self, ident) if self.stage is not None else ident
         return self._identity
+
+
+PREVIOUS_MODEL = "(the final model of the previous stage)"
+PREVIOUS_FISHER = "(the previous stage's accumulated Fisher)"
+BASE_ANCHOR = "(the sequence's base model)"
+
+
+def stage_identity(run: RunSpec, ident: dict[str, Any]) -> dict[str, Any]:
+    """A stage's identity: ``ident`` (its resolved config's) with what points into the results
+    tree named by role -- stage ``k >= 1``'s ``model.name_or_path`` (the previous stage's model
+    directory: it need not exist yet, and its files' mtimes are not identity), the online-EWC
+    chain's ``fisher_path``, L2-SP's base ``anchor_path`` -- plus ``sequence.stage.index`` /
+    ``.name`` and ``sequence.previous``: the digest of the previous stage's identity (a hash
+    chain: whatever changes a stage changes every later one)."""
+    from forgetkit.identity import identity_digest
+
+    st = run.stage
+    assert st is not None
+    out = dict(ident)
+    out["sequence.stage.index"] = st.index
+    out["sequence.stage.name"] = st.name
+    if st.prev is not None:
+        out["model.name_or_path"] = PREVIOUS_MODEL
+        out["sequence.previous"] = identity_digest(st.prev.identity())
+        for i, rc in enumerate(run.cfg.regularizers):
+            if rc.type == "ewc" and rc.online_gamma is not None:
+                out[f"regularizers.{i}.fisher_path"] = PREVIOUS_FISHER
+            if rc.type == "l2" and rc.anchor == "base":
+                out[f"regularizers.{i}.anchor_path"] = BASE_ANCHOR
+    return out
 
 
 def identity_of(cfg: Config) -> dict[str, Any]:
@@ -222,8 +311,11 @@ def plan_runs(raw: dict[str, Any], src: str, arms: list[str] | None = None,
 
     Raises ConfigError (file, arm, dotted key, did-you-mean) on any problem, including a run
     folder that would lie outside the results directory.
+
+    With a ``sequence:`` section every arm x seed expands into one run per stage
+    (:func:`plan_stages`; the base config is checked with stage 0's data as ``data.train``).
     """
-    base = config_from_dict(copy.deepcopy(raw), src)
+    base = config_from_dict(_with_first_stage(raw), src)
     check_complete(base, src)
     opts = base.experiment
     expanded = expand_arms(opts.arms)
@@ -258,12 +350,102 @@ def plan_runs(raw: dict[str, Any], src: str, arms: list[str] | None = None,
         except ConfigError as e:
             raise ConfigError(f"{src} (arm '{name}'): {e}") from None
         r["seed"] = seed
+        if base.sequence is not None:
+            runs += plan_stages(r, f"{src} (arm '{name}')", name, seed, point, d, root)
+            continue
         r.setdefault("output", {})
         r["output"] = {**(r["output"] or {}), "dir": str(d), "save_model": True}
         cfg = config_from_dict(r, f"{src} (arm '{name}')")
         share_fisher(cfg, root)
         runs.append(RunSpec(name, seed, point, cfg, d))
     return base, runs
+
+
+def _with_first_stage(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``raw``; with a sequence, stage 0's data as ``data.train`` (a sequence's
+    config need not have one of its own: each stage's ``data`` is its ``data.train``)."""
+    r = copy.deepcopy(raw)
+    seq = r.get("sequence")
+    stages = seq.get("stages") if isinstance(seq, dict) else None
+    if isinstance(stages, list) and stages and isinstance(stages[0], dict) \
+            and "data" in stages[0] and isinstance(r.get("data", {}), dict):
+        r["data"] = {**(r.get("data") or {}), "train": copy.deepcopy(stages[0]["data"])}
+    return r
+
+
+def plan_stages(r: dict[str, Any], src: str, arm: str, seed: int, point: dict[str, Any],
+                d: Path, root: Path) -> list[RunSpec]:
+    """The runs of one arm x seed of a task sequence, in stage order (see the module
+    docstring): ``r`` is the arm's raw config (its overrides and seed applied), ``d`` its
+    ``<arm>/seed-<s>`` folder.
+
+    Raises:
+        ConfigError: a stage's resolved config is invalid (the message names the stage), or the
+            arm's ``data.replay.ratio`` disagrees with ``sequence.replay.ratio``.
+    """
+    from forgetkit.regularizers.build import regularizer_names
+
+    seq = config_from_dict(_with_first_stage(r), src).sequence
+    assert seq is not None
+    runs: list[RunSpec] = []
+    for k, st in enumerate(seq.stages):
+        where = f"{src}, sequence stage {k} ('{st.name}')"
+        rs = copy.deepcopy(r)
+        rs.pop("sequence", None)
+        rs["data"] = {**(rs.get("data") or {}), "train": config_to_dict(st.data)}
+        try:
+            apply_overrides(rs, st.overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        sd = d / f"stage-{k}-{st.name}"
+        inside(sd, root)
+        rs["output"] = {**(rs.get("output") or {}), "dir": str(sd), "save_model": True}
+        prev = runs[-1] if runs else None
+        if prev is not None:
+            # the previous stage's final model is this stage's start (its tokenizer saved there
+            # too, unless the config names one)
+            rs["model"] = {**(rs.get("model") or {}), "name_or_path": str(prev.dir / "model"),
+                           "random_init": None, "gguf_file": None, "revision": None}
+            if seq.replay is not None:
+                _add_stage_replay(rs, [x.cfg.data.train for x in runs], seq.replay, where)
+        cfg = config_from_dict(rs, where)
+        check_complete(cfg, where)
+        if prev is None:
+            share_fisher(cfg, root)
+        else:
+            names, prev_names = regularizer_names(cfg), regularizer_names(prev.cfg)
+            for i, rc in enumerate(cfg.regularizers):
+                if rc.type != "ewc" or rc.online_gamma is None:
+                    continue
+                j = prev_names.index(names[i]) if names[i] in prev_names else None
+                if j is None or prev.cfg.regularizers[j].type != "ewc":
+                    raise ConfigError(f"{where}: regularizers[{i}]: online EWC continues the "
+                                      f"previous stage's Fisher chain, but that stage has no "
+                                      f"EWC regularizer named {names[i]!r}")
+                # F_k = gamma * F_{k-1} (the previous stage's accumulated Fisher, its own copy)
+                # + the Fisher of the previous stage's data at this stage's start
+                rc.fisher_data = copy.deepcopy(prev.cfg.data.train)
+                rc.fisher_path = str(prev.dir / f"fisher-{names[i]}.safetensors")
+        runs.append(RunSpec(arm, seed, point, cfg, sd,
+                            stage=Stage(k, st.name, len(seq.stages), st.metric, prev)))
+    return runs
+
+
+def _add_stage_replay(rs: dict[str, Any], earlier: list[Any], replay: Any, where: str) -> None:
+    """Give a stage's raw config the sequence's replay: a buffer of each earlier stage's
+    training data (``earlier``: their resolved ``data.train``) as ``data.replay.sources``,
+    pooled with the arm's own ``data.replay.data``, at ``sequence.replay.ratio``."""
+    data = rs.setdefault("data", {})
+    own = data.get("replay")
+    own = dict(own) if isinstance(own, dict) else {}
+    if "ratio" in own and own["ratio"] is not None and float(own["ratio"]) != replay.ratio:
+        raise ConfigError(f"{where}: data.replay.ratio {own['ratio']} and sequence.replay.ratio "
+                          f"{replay.ratio} disagree: a sequence's replay pool (earlier stages "
+                          "and data.replay.data) is mixed at one ratio; set them equal")
+    own["ratio"] = replay.ratio
+    own["sources"] = list(own.get("sources") or []) + [
+        {"data": config_to_dict(spec), "examples": replay.buffer_per_stage} for spec in earlier]
+    data["replay"] = own
 
 
 # ----------------------------------------------------------------------------- checks
@@ -338,6 +520,15 @@ def reuse_checks(runs: list[RunSpec], force: bool = False) -> list[Check]:
     out = []
     for run in runs:
         what = f"run {run.label} ({run.dir})"
+        prev = run.stage.prev if run.stage is not None else None
+        if (prev is not None and not force and is_finished(prev.dir)
+                and not is_finished(run.dir)
+                and not (prev.dir / "model" / "config.json").is_file()):
+            out.append(Check(what, False, (
+                f"{what}: its start, the final model of the finished {prev.label}, was deleted "
+                f"({prev.dir / 'model'}; experiment.keep_checkpoints is false); rerun with "
+                "--force to recompute the sequence")))
+            continue
         if not run.dir.exists():
             continue
         finished = is_finished(run.dir)
@@ -385,13 +576,20 @@ def lock_check(root: Path) -> Check:
 
 def preflight_checks(runs: list[RunSpec]) -> list[Check]:
     """Preflight of every planned run (one shared cache: a file or task checked once)."""
+    import dataclasses
+
     from forgetkit.preflight import preflight
 
     cache: dict[Any, Any] = {}
     seen: set[tuple[str, bool, str]] = set()
     out = []
     for run in runs:
-        for c in preflight(run.cfg, evaluation=True, cache=cache):
+        cfg = run.cfg
+        if run.stage is not None and run.stage.prev is not None:
+            # its start (the previous stage's model) does not exist yet: check the base
+            # model it descends from (the same architecture and tokenizer)
+            cfg = dataclasses.replace(cfg, model=_sequence_root(run).cfg.model)
+        for c in preflight(cfg, evaluation=True, cache=cache):
             if (c.what, c.ok, c.problem) not in seen:
                 seen.add((c.what, c.ok, c.problem))
                 out.append(c)
@@ -791,12 +989,19 @@ def layer_summaries(run: RunSpec, base: str) -> None:
     if theta0 is not None and theta is not None:
         write_json(run.dir / "drift.json", drift_record(theta0, theta))
     del theta0, theta
-    for rc in run.cfg.regularizers:
-        if rc.type == "ewc" and rc.fisher_path and Path(rc.fisher_path).exists():
+    from forgetkit.regularizers.build import regularizer_names
+
+    for rc, name in zip(run.cfg.regularizers, regularizer_names(run.cfg), strict=True):
+        if rc.type != "ewc":
+            continue
+        # the Fisher the run used: its own copy (online EWC: the accumulated one), else the
+        # file it read
+        own = run.dir / f"fisher-{name}.safetensors"
+        path = own if own.exists() else Path(rc.fisher_path) if rc.fisher_path else None
+        if path is not None and path.exists():
             from forgetkit.regularizers.fisher import load_fisher
 
-            write_json(run.dir / "fisher_summary.json",
-                       fisher_record(load_fisher(rc.fisher_path)[0]))
+            write_json(run.dir / "fisher_summary.json", fisher_record(load_fisher(path)[0]))
             break
 
 
@@ -821,14 +1026,69 @@ def without_items(scores: Any) -> Any:
     return scores
 
 
+def _sequence_root(run: RunSpec) -> RunSpec:
+    """Stage 0 of a stage's sequence (the run itself when it is no stage, or stage 0)."""
+    while run.stage is not None and run.stage.prev is not None:
+        run = run.stage.prev
+    return run
+
+
+def _local_checkpoint(path: str, revision: str | None = None) -> str:
+    """A local directory of a checkpoint: ``path`` itself, or a hub id's snapshot in the local
+    Hugging Face cache (no download). Raises ConfigError when there is none."""
+    if Path(path).exists():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, revision=revision, local_files_only=True,
+                                 allow_patterns=["*.safetensors", "*.json"])
+    except Exception as e:
+        raise ConfigError(f"L2-SP anchor: 'base' needs the base model's weights as a local "
+                          f"safetensors checkpoint; {path!r} is neither a directory nor in the "
+                          f"local Hugging Face cache ({type(e).__name__})") from None
+
+
+def resolve_stage_inputs(run: RunSpec, root: Path) -> None:
+    """What a stage's config can name only once it starts (in place, before its config.yaml
+    is written): L2-SP ``anchor: base`` at stage ``k >= 1`` gets ``anchor_path``, the base
+    model's checkpoint (:func:`base_checkpoint` of stage 0's config; a random-init or GGUF base
+    is materialised once under ``_base/``). Stage 0 and single runs anchor at their start."""
+    if run.stage is None or run.stage.prev is None:
+        return
+    first = _sequence_root(run)
+    for rc in run.cfg.regularizers:
+        if rc.type == "l2" and rc.anchor == "base":
+            rc.anchor_path = _local_checkpoint(base_checkpoint(first.cfg, root),
+                                               first.cfg.model.revision)
+
+
+def stage_before(run: RunSpec) -> dict[str, Any]:
+    """Stage ``k >= 1``'s before-scores: stage ``k-1``'s after-scores (its ``eval_after.json``,
+    per-item scores included, WiSE-FT/merge points left out), not re-evaluated; ``model`` names
+    this stage's start (stage ``k-1``'s final model)."""
+    assert run.stage is not None and run.stage.prev is not None
+    prev = run.stage.prev
+    after = read_json(prev.dir / "eval_after.json")
+    out = {k: v for k, v in after.items() if k not in ("wise", "merge", "seconds")}
+    out["model"] = str(prev.dir / "model")
+    out["source"] = f"after {prev.label} ({prev.dir / 'eval_after.json'})"
+    return out
+
+
 def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
     run.dir.mkdir(parents=True, exist_ok=True)
+    resolve_stage_inputs(run, root)
     write_text(run.dir / "config.yaml", dump_config(run.cfg))
     write_json(run.dir / IDENTITY, run.identity())
     write_json(run.dir / "env.json", environment())
     t0 = time.perf_counter()
-    before, hit = before_scores(run.cfg, root)
-    log.info("before-evaluation %s", "reused from the cache" if hit else "computed")
+    if run.stage is not None and run.stage.prev is not None:
+        before, hit = stage_before(run), False
+        log.info("before-scores: the previous stage's after-scores")
+    else:
+        before, hit = before_scores(run.cfg, root)
+        log.info("before-evaluation %s", "reused from the cache" if hit else "computed")
     write_json(run.dir / "eval_before.json", before)
     train = train_stage(run, launcher)
     if train.get("memory_estimate") and train.get("memory"):
@@ -845,17 +1105,22 @@ def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
     if run.cfg.evaluation.merge:
         after["merge"] = merge_scores(run, base)
     write_json(run.dir / "eval_after.json", after)
+    rp = run.cfg.data.replay
+    replay_specs = ([] if rp is None else
+                    ([rp.data] if rp.data is not None else []) + [x.data for x in rp.sources])
     sources = {"train": run.cfg.data.train.path or run.cfg.data.train.name,
-               "replay": [run.cfg.data.replay.data.path or run.cfg.data.replay.data.name]
-               if run.cfg.data.replay is not None else [],
+               "replay": [x.path or x.name for x in replay_specs],
                "fisher": [(r.fisher_data.path or r.fisher_data.name) if r.fisher_data else None
                           for r in run.cfg.regularizers if r.type == "ewc"]}
-    return {"status": "ok", "arm": run.arm, "seed": run.seed, "grid": run.grid,
-            "before_cache_hit": hit, "before": without_items(before),
-            "after": without_items(after), "train": train,
-            "warnings": train_warnings(train),
-            "regularizers": [config_to_dict(r) for r in run.cfg.regularizers],
-            "data_sources": sources, "wall_time_s": time.perf_counter() - t0}
+    out = {"status": "ok", "arm": run.arm, "seed": run.seed, "grid": run.grid,
+           "before_cache_hit": hit, "before": without_items(before),
+           "after": without_items(after), "train": train,
+           "warnings": train_warnings(train),
+           "regularizers": [config_to_dict(r) for r in run.cfg.regularizers],
+           "data_sources": sources, "wall_time_s": time.perf_counter() - t0}
+    if run.stage is not None:
+        out["stage"] = run.stage.record()
+    return out
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -965,6 +1230,7 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
     """
     from forgetkit.locking import dir_lock
     from forgetkit.preflight import raise_on_problems
+    from forgetkit.results.sequence import write_sequence_tables
     from forgetkit.results.summary import write_tables
 
     src = src or f"experiment '{base.name}'"
@@ -978,22 +1244,38 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
             log.warning("%s", w)
             outcome.warnings.append(w)
         write_plan_files(root, base, [{"arm": r.arm, "seed": r.seed, "grid": r.grid,
-                                       "dir": str(r.dir)} for r in runs])
+                                       "dir": str(r.dir),
+                                       **({"stage": r.stage.record()} if r.stage else {})}
+                                      for r in runs])
         stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        done: set[Path] = set()  # runs finished (reused or trained) in this invocation
         for i, run in enumerate(runs, 1):
             head = f"[run {i}/{len(runs)}] arm={run.arm} seed={run.seed}"
+            prev = run.stage.prev if run.stage is not None else None
+            if run.stage is not None:
+                head += f" stage={run.stage.index}/{run.stage.count - 1} ({run.stage.name})"
+            if prev is not None and prev.dir not in done:
+                err = (f"not started: it fine-tunes the final model of {prev.label}, which did "
+                       "not finish")
+                log.error("%s: %s", head, err)
+                outcome.failed.append((run.label, err))
+                continue
             if is_finished(run.dir) and not force:
                 log.info("%s: finished earlier with the same config, reused (--force "
                          "recomputes)", head)
                 outcome.reused += 1
                 outcome.warnings += [f"{run.label}: {w}" for w in
                                      read_json(run.dir / SUMMARY).get("warnings") or []]
+                done.add(run.dir)
+                _sequence_step(run, runs, root, opts, trained=False)
                 continue
             aside = _set_aside(run, root, stamp) if force and run.dir.exists() else None
             old_finished = aside is not None and is_finished(aside)
             log.info("%s: starting", head)
             try:
-                _one_run(run, head, root, opts, aside, old_finished, stamp, outcome)
+                if _one_run(run, head, root, opts, aside, old_finished, stamp, outcome):
+                    done.add(run.dir)
+                    _sequence_step(run, runs, root, opts, trained=True)
             except KeyboardInterrupt as e:
                 note = ""
                 if aside is not None and aside.exists():
@@ -1011,7 +1293,45 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
                     + (f": {detail}" if detail else "") + note
                     + "; finished runs are kept; rerun the same command to resume") from None
         write_tables(root)
+        write_sequence_tables(root)
     return outcome
+
+
+def _sequence_step(run: RunSpec, runs: list[RunSpec], root: Path, opts: Any,
+                   trained: bool) -> None:
+    """After a stage finished (``trained``) or was reused: delete the previous stage's model
+    (this stage was its only user; kept with experiment.keep_checkpoints), and once the last
+    stage is done write the sequence's ``sequence.json`` and the root's sequence tables."""
+    from forgetkit.results.sequence import write_sequence_tables
+
+    st = run.stage
+    if st is None:
+        return
+    if trained and st.prev is not None and not opts.keep_checkpoints:
+        _remove(st.prev.dir / "model", root)
+    if st.index == st.count - 1:
+        chain = [r for r in runs if r.arm == run.arm and r.seed == run.seed
+                 and r.stage is not None]
+        chain.sort(key=lambda r: r.stage.index)  # type: ignore[union-attr]
+        if all(is_finished(r.dir) for r in chain):
+            write_json(run.dir.parent / "sequence.json", sequence_of(chain))
+            write_sequence_tables(root)
+
+
+def sequence_of(chain: list[RunSpec]) -> dict[str, Any]:
+    """``sequence.json`` of a finished sequence (its stages' runs, in order): the accuracy
+    matrix from each stage's ``eval_after.json`` against stage 0's ``eval_before.json`` (the
+    base model), :func:`forgetkit.results.sequence.sequence_record`."""
+    from forgetkit.results.sequence import sequence_record
+
+    stages = [r.stage for r in chain]
+    assert all(s is not None for s in stages)
+    base = read_json(chain[0].dir / "eval_before.json")
+    after = [read_json(r.dir / "eval_after.json") for r in chain]
+    rec = sequence_record([s.name for s in stages], [s.metric for s in stages],  # type: ignore[union-attr]
+                          base, after)
+    return {"arm": chain[0].arm, "seed": chain[0].seed,
+            "dirs": [str(r.dir.relative_to(chain[0].dir.parent)) for r in chain], **rec}
 
 
 def _orphaned_replacements(runs: list[RunSpec], root: Path) -> list[str]:
@@ -1031,9 +1351,14 @@ def _orphaned_replacements(runs: list[RunSpec], root: Path) -> list[str]:
 
 
 def _one_run(run: RunSpec, head: str, root: Path, opts: Any, aside: Path | None,
-             old_finished: bool, stamp: str, outcome: Outcome) -> None:
+             old_finished: bool, stamp: str, outcome: Outcome) -> bool:
     """One run: train and score, record the summary, then keep or put back what --force set
-    aside. Failures are recorded in ``outcome``; an interrupt propagates to the caller."""
+    aside. Failures are recorded in ``outcome``; an interrupt propagates to the caller.
+    Returns whether the run succeeded.
+
+    Unless experiment.keep_checkpoints, a finished run's ``model/`` and ``checkpoints/`` are
+    deleted; a stage that another stage starts from keeps ``model/`` (deleted once that stage
+    has finished, :func:`_sequence_step`)."""
     from forgetkit.results.summary import write_tables
 
     try:
@@ -1046,6 +1371,8 @@ def _one_run(run: RunSpec, head: str, root: Path, opts: Any, aside: Path | None,
         _clean_tmp(run.dir, root)
         summary = {"status": "failed", "arm": run.arm, "seed": run.seed,
                    "grid": run.grid, "error": err, "log": RUN_LOG}
+        if run.stage is not None:
+            summary["stage"] = run.stage.record()
     try:
         write_json(run.dir / SUMMARY, summary)
     except OSError as e:  # not even the result can be recorded: stop here
@@ -1056,7 +1383,8 @@ def _one_run(run: RunSpec, head: str, root: Path, opts: Any, aside: Path | None,
     if summary["status"] == "ok":
         _drop_replaced(run, root)
         if not opts.keep_checkpoints:
-            for sub in ("model", "checkpoints"):
+            starts_next = run.stage is not None and run.stage.index < run.stage.count - 1
+            for sub in ("checkpoints",) if starts_next else ("model", "checkpoints"):
                 _remove(run.dir / sub, root)
         for w in summary["warnings"]:
             log.warning("%s: %s", head, w)
@@ -1073,6 +1401,7 @@ def _one_run(run: RunSpec, head: str, root: Path, opts: Any, aside: Path | None,
             _remove(aside, root)  # an unfinished earlier attempt: nothing to keep
             _prune_empty(aside.parent, root / REPLACED)
     write_tables(root)
+    return summary["status"] == "ok"
 
 
 # Effective FLOP/s used for the plan's time estimate: measured here for fp32 on a 2-core CPU
@@ -1080,7 +1409,10 @@ def _one_run(run: RunSpec, head: str, root: Path, opts: Any, aside: Path | None,
 # 2 N tok/s ~ 8e10). On a GPU a conservative 1e14 (bf16, ~30 % MFU of an A100). Override with
 # FORGETKIT_FLOPS.
 CPU_FLOPS, GPU_FLOPS = 7.5e10, 1.0e14
-LM_EVAL_TOKENS_PER_ITEM = 250  # rough: context x choices, for tasks whose data is not read here
+# Forward-token equivalents per lm-eval item, for tasks whose data is not read here: measured
+# on the embedded suite (135M, 2 cores, batch 8, 2026-12-02): 0.07-0.28 s per item at ~280
+# tok/s, i.e. ~20 (OpenBookQA) to ~80 (BoolQ, long passages) tokens; 40 is the suite's mean.
+LM_EVAL_TOKENS_PER_ITEM = 40
 
 
 def _model_params(cfg: Config) -> int | None:
@@ -1148,35 +1480,54 @@ def estimate_seconds(base: Config, runs: list[RunSpec], steps: list[int] | None 
         return None
     train = fisher = 0.0
     fisher_keys = set()
+    lens: dict[str, float] = {_hash(config_to_dict(d.train)): train_len}
     for i, r in enumerate(runs):
         t = r.cfg.training
         n_steps = steps[i] if steps else (t.max_steps or 0)
-        train += n_steps * t.micro_batch_size * t.gradient_accumulation_steps * train_len
-        for rc in r.cfg.regularizers:
-            if rc.type == "ewc" and rc.fisher_data is not None and rc.fisher_path not in fisher_keys:
-                fisher_keys.add(rc.fisher_path)
+        key = _hash(config_to_dict(r.cfg.data.train))  # a sequence's stages: their own data
+        if key not in lens:
+            try:
+                lens[key] = _mean_tokens(r.cfg.data.train, tok, d.max_length, base.seed)[0]
+            except Exception:
+                lens[key] = train_len
+        train += n_steps * t.micro_batch_size * t.gradient_accumulation_steps * lens[key]
+        for j, rc in enumerate(r.cfg.regularizers):
+            fkey = rc.fisher_path if rc.type == "ewc" and rc.fisher_path else (str(r.dir), j)
+            if rc.type == "ewc" and rc.fisher_data is not None and fkey not in fisher_keys:
+                fisher_keys.add(fkey)
                 try:
                     fl, _ = _mean_tokens(rc.fisher_data, tok, d.max_length, r.seed,
                                          rc.fisher_examples)
                 except Exception:  # unreadable data fails in its own run, not in the plan
                     continue
                 fisher += rc.fisher_examples * fl
-    n_evals = len({eval_cache_key(r.cfg) for r in runs}) + len(runs) * (
+    # before-evaluations: once per base (a later stage's before is its predecessor's after)
+    n_evals = len({eval_cache_key(r.cfg) for r in runs if _starts_from_base(r)}) + len(runs) * (
         1 + len(base.evaluation.wise_alphas) + len(base.evaluation.merge))
     return {"train_s": 6 * n * train / rate, "fisher_s": 6 * n * fisher / rate,
             "eval_s": 2 * n * eval_tokens * n_evals / rate, "params": n, "flops": rate}
+
+
+def _starts_from_base(r: RunSpec) -> bool:
+    return r.stage is None or r.stage.prev is None
 
 
 def describe_plan(base: Config, runs: list[RunSpec]) -> str:
     """The --dry-run text: runs, optimizer steps and evaluations, without loading a model."""
     from forgetkit.data.sources import load_records, select
 
+    seq = base.sequence
     lines = [f"experiment '{base.name}': {len(runs)} runs "
-             f"({len({r.arm for r in runs})} arms x {len({r.seed for r in runs})} seeds)"]
+             f"({len({r.arm for r in runs})} arms x {len({r.seed for r in runs})} seeds"
+             + (f" x {len(seq.stages)} stages" if seq is not None else "") + ")"]
+    if seq is not None:
+        lines.append("sequence: " + " -> ".join(f"{k}:{st.name} [{st.metric}]"
+                                                 for k, st in enumerate(seq.stages))
+                     + " (stage k >= 1 fine-tunes stage k-1's final model)")
     n_eval_items = 0
     for spec in list(base.evaluation.task) + list(base.evaluation.general):
         n_eval_items += spec.limit or 0
-    keys = {eval_cache_key(r.cfg) for r in runs}
+    keys = {eval_cache_key(r.cfg) for r in runs if _starts_from_base(r)}
     n_steps: list[int] = []
     for r in runs:
         t = r.cfg.training
@@ -1193,12 +1544,15 @@ def describe_plan(base: Config, runs: list[RunSpec]) -> str:
                 steps = f"~{n_steps[-1]}"
             except (ConfigError, OSError) as e:
                 steps = f"? ({e})"
+        rp = r.cfg.data.replay
         regs = ", ".join([x.type for x in r.cfg.regularizers] + (
-            [f"replay {r.cfg.data.replay.ratio:g}"] if r.cfg.data.replay is not None else [])
+            [f"replay {rp.ratio:g}" + (f" (+{len(rp.sources)} earlier-stage buffers)"
+                                       if rp.sources else "")] if rp is not None else [])
         ) or "none"
         done = " [finished]" if is_finished(r.dir) else ""
-        lines.append(f"  {r.arm:<24} seed {r.seed:<4} steps {steps:<8} global batch/process "
-                     f"{gb:<4} regularizers: {regs}{done}")
+        stage = f" stage {r.stage.index}:{r.stage.name:<12}" if r.stage is not None else ""
+        lines.append(f"  {r.arm:<24} seed {r.seed:<4}{stage} steps {steps:<8} global "
+                     f"batch/process {gb:<4} regularizers: {regs}{done}")
     n_specs = len(base.evaluation.task) + len(base.evaluation.general)
     lines.append(f"evaluations: {len(keys)} before (cached per base model) + {len(runs)} after, "
                  f"{n_specs} metrics each"

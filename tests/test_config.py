@@ -304,7 +304,7 @@ def test_regularizer_overrides_and_round_trip(tmp_path):
     d = config_to_dict(cfg)
     assert d["regularizers"][2] == {"type": "kl", "lam": 0.1, "data": config_to_dict(
         cfg.regularizers[2].data), "temperature": 1.0, "batch_size": 4}
-    assert set(d["data"]["replay"]) == {"data", "ratio"}
+    assert set(d["data"]["replay"]) == {"data", "ratio", "sources"}
 
 
 def test_arm_overrides_add_replay_and_keep_the_regularizers(tmp_path):
@@ -437,7 +437,7 @@ def test_data_layer_consumes_replay_and_the_data_source_fields(tmp_path):
     raw["data"]["train"] = {"path": str(task)}
     raw["data"]["max_length"] = 256
     cfg = config_from_dict(raw)
-    assert {f.name for f in dataclasses.fields(ReplayConfig)} == {"data", "ratio"}  # both below
+    assert {f.name for f in dataclasses.fields(ReplayConfig)} == {"data", "ratio", "sources"}
     sets = build_example_sets(cfg, build_byte_tokenizer())
     assert len(sets.replay) == 11 and all(e.source == 1 for e in sets.replay)
     assert sets.replay_ratio == cfg.data.replay.ratio == 0.3

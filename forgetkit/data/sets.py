@@ -1,6 +1,7 @@
 """Every example set a run trains with, built in one place from the config.
 
-The task's train and validation examples, the replay pool (``data.replay``), each EWC
+The task's train and validation examples, the replay pool (``data.replay``: its ``data`` and
+then a seeded buffer of each of its ``sources``, :func:`replay_buffer`), each EWC
 regularizer's Fisher examples (``fisher_data``, a seeded subset of ``fisher_examples``) and each
 KL regularizer's examples (``data``) are tokenised here with the run's tokenizer, ``max_length``
 and prompt masking. Regularizers never load data: :func:`forgetkit.regularizers.build_regularizers`
@@ -18,7 +19,8 @@ from forgetkit.config import Config, ConfigError, DatasetSpec
 from forgetkit.data.sources import build_examples, load_records, select, split_records
 from forgetkit.data.templates import Example
 
-__all__ = ["ExampleSets", "build_example_sets", "load_examples", "subset_records"]
+__all__ = ["ExampleSets", "build_example_sets", "load_examples", "replay_buffer",
+           "subset_records"]
 
 
 @dataclass
@@ -41,14 +43,30 @@ class ExampleSets:
     kl: dict[int, list[Example]] = field(default_factory=dict)
 
 
-def subset_records(records: list[dict[str, Any]], limit: int | None, seed: int
-                   ) -> list[dict[str, Any]]:
+FISHER_SALT = 0xF15E  # EWC's Fisher examples
+REPLAY_SALT = 0x8E7A  # replay buffers (another subset than a Fisher of the same data)
+
+
+def subset_records(records: list[dict[str, Any]], limit: int | None, seed: int,
+                   salt: int = FISHER_SALT) -> list[dict[str, Any]]:
     """A seeded subset of at most ``limit`` records, kept in their order (EWC's Fisher
-    examples: ``default_rng([seed, 0xF15E]).permutation(n)[:limit]``, sorted)."""
+    examples: ``default_rng([seed, salt]).permutation(n)[:limit]``, sorted)."""
     if limit is None or len(records) <= limit:
         return list(records)
-    idx = np.random.default_rng([int(seed), 0xF15E]).permutation(len(records))[:limit]
+    idx = np.random.default_rng([int(seed), int(salt)]).permutation(len(records))[:limit]
     return [records[i] for i in sorted(idx)]
+
+
+def replay_buffer(src: Any, tokenizer: Any, *, max_length: int, train_on_prompt: bool,
+                  seed: int) -> list[Example]:
+    """The replay examples of one :class:`forgetkit.config.ReplaySource`: the source's records
+    (its own ``limit`` and shuffle first, as its stage read them), then a seeded subset of
+    ``src.examples`` of them (:func:`subset_records` with :data:`REPLAY_SALT`: the same seed
+    gives the same buffer), tokenised with ``source=1``, in file order."""
+    records = select(load_records(src.data), src.data, seed)
+    records = subset_records(records, src.examples, seed, REPLAY_SALT)
+    return build_examples(records, src.data, tokenizer, max_length, train_on_prompt,
+                          packed=False, source=1)
 
 
 def load_examples(spec: DatasetSpec, tokenizer: Any, *, max_length: int,
@@ -99,13 +117,21 @@ def build_example_sets(cfg: Config, tokenizer: Any) -> ExampleSets:
     sets = ExampleSets(train, val)
     rp = getattr(d, "replay", None)
     if rp is not None:
-        rec = select(load_records(rp.data), rp.data, cfg.seed)
-        sets.replay = build_examples(rec, rp.data, tokenizer, d.max_length, d.train_on_prompt,
-                                     packed=False, source=1)
+        if rp.data is not None:
+            rec = select(load_records(rp.data), rp.data, cfg.seed)
+            sets.replay = build_examples(rec, rp.data, tokenizer, d.max_length,
+                                         d.train_on_prompt, packed=False, source=1)
+            if not sets.replay:
+                raise ConfigError("data.replay.data: gave no example with a target token "
+                                  f"within data.max_length={d.max_length}")
+        for i, src in enumerate(rp.sources):  # e.g. a task sequence's earlier stages
+            buf = replay_buffer(src, tokenizer, max_length=d.max_length,
+                                train_on_prompt=d.train_on_prompt, seed=cfg.seed)
+            if not buf:
+                raise ConfigError(f"data.replay.sources[{i}].data: gave no example with a "
+                                  f"target token within data.max_length={d.max_length}")
+            sets.replay += buf
         sets.replay_ratio = float(rp.ratio)
-        if not sets.replay:
-            raise ConfigError("data.replay.data: gave no example with a target token within "
-                              f"data.max_length={d.max_length}")
     kw = dict(max_length=d.max_length, train_on_prompt=d.train_on_prompt, seed=cfg.seed)
     for i, rc in enumerate(cfg.regularizers):
         if rc.type == "ewc" and rc.fisher_data is not None:

@@ -69,7 +69,7 @@ def build_regularizers(cfg: Config, sets: Any, pad_id: int) -> list[Regularizer]
     for i, (rc, name) in enumerate(zip(cfg.regularizers, regularizer_names(cfg), strict=True)):
         if rc.type == "l2":
             regs.append(L2SP(rc.lam, rc.variant, rc.include, rc.exclude, rc.anchor_dtype,
-                             name=name))
+                             anchor=rc.anchor, anchor_path=rc.anchor_path, name=name))
         elif rc.type == "ewc":
             examples = sets.fisher.get(i)
             batches = (make_batches(examples, rc.fisher_batch_size, pad_id, pad_mult)

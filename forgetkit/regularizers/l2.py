@@ -31,6 +31,16 @@ micro-batches by the loop). ZeRO-3 (parameters partitioned outside forward) and 
 variant under DeepSpeed (the fp32 master weights live inside the optimizer) are not supported and
 raise at ``prepare``.
 
+Which weights theta0 is (``anchor``, ``anchor_path``): by default the weights the run starts
+from. With ``anchor_path`` (a local safetensors checkpoint directory, or one ``.safetensors``
+file) theta0 is read from there instead: each selected parameter's tensor by its name (the
+unwrapped model's ``named_parameters`` name, as ``save_pretrained`` writes it), checked for
+presence and shape, cast to the parameter's dtype (exactly the weights that checkpoint loads as
+in this run) and then to ``anchor_dtype``; under FSDP each rank keeps its shard of it. A task
+sequence's runner sets it for ``anchor: base`` (L2-SP toward the sequence's base model, not the
+stage's initial model). A checkpoint that lacks a selected parameter, or holds it with another
+shape, is refused (no approximation).
+
 Resume: theta0 is *recomputed* in ``prepare`` (the loop reloads the initial model from the same
 config before restoring the checkpoint), not stored in every checkpoint (that would cost a full
 model copy per checkpoint). ``state_dict`` holds a global fingerprint of theta0 (sum, sum of
@@ -44,6 +54,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -257,6 +268,55 @@ class AnchoredRegularizer:
                                "than the checkpointed run (include/exclude changed?)")
 
 
+def _safetensors_files(path: Path) -> list[Path]:
+    if path.is_file() and path.suffix == ".safetensors":
+        return [path]
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not files:
+        raise FileNotFoundError(
+            f"L2-SP anchor_path {path}: not a safetensors checkpoint (a directory holding "
+            "*.safetensors, or one such file); the anchor cannot be loaded exactly")
+    return files
+
+
+def load_anchor(path: str | Path, named: Sequence[tuple[str, torch.nn.Parameter]],
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """theta0 from a checkpoint: for each ``(name, parameter)`` the checkpoint's tensor of that
+    name, cast to the parameter's dtype and then to ``dtype`` (on the CPU; full, not sharded).
+
+    Raises:
+        FileNotFoundError: ``path`` holds no safetensors file.
+        ValueError: a parameter is missing from the checkpoint or has another shape there.
+    """
+    from safetensors import safe_open
+
+    files = _safetensors_files(Path(path))
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                where.setdefault(k, f)
+    missing = [n for n, _ in named if n not in where]
+    if missing:
+        raise ValueError(f"L2-SP anchor_path {path}: has no tensor {missing[0]!r} (of "
+                         f"{len(missing)} missing parameter(s)); a checkpoint of another model "
+                         "(or of a LoRA-wrapped one)?")
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[tuple[str, torch.nn.Parameter]]] = {}
+    for n, p in named:
+        by_file.setdefault(where[n], []).append((n, p))
+    for f, items in by_file.items():
+        with safe_open(str(f), framework="pt") as fh:
+            for n, p in items:
+                t = fh.get_tensor(n)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"L2-SP anchor_path {path}: tensor {n!r} has shape "
+                                     f"{tuple(t.shape)}, the parameter {tuple(p.shape)}: a "
+                                     "checkpoint of another model?")
+                out[n] = t.to(p.dtype).to(dtype)
+    return out
+
+
 class L2SP(AnchoredRegularizer):
     """``lambda/2 * ||theta - theta0||^2`` toward the starting weights (see the module docstring).
 
@@ -267,6 +327,10 @@ class L2SP(AnchoredRegularizer):
         include: regex patterns of parameter names (default: all trainable parameters).
         exclude: regex patterns removed from the selection.
         anchor_dtype: dtype theta0 is kept in.
+        anchor: ``"previous"`` or ``"base"``: which model theta0 is in a task sequence (a
+            record of the config's choice; the runner turns ``base`` into ``anchor_path``).
+        anchor_path: read theta0 from this safetensors checkpoint (see the module docstring);
+            None: the starting weights.
         name: the name logged as ``reg/<name>`` (default ``l2``).
     """
 
@@ -276,13 +340,33 @@ class L2SP(AnchoredRegularizer):
     def __init__(self, lam: float, variant: Literal["coupled", "decoupled"] = "coupled",
                  include: Sequence[str] = (), exclude: Sequence[str] = (),
                  anchor_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-                 name: str | None = None) -> None:
+                 anchor: Literal["previous", "base"] = "previous",
+                 anchor_path: str | Path | None = None, name: str | None = None) -> None:
         super().__init__(lam, include, exclude, anchor_dtype, name)
         if variant not in ("coupled", "decoupled"):
             raise ValueError(f"unknown L2-SP variant {variant!r}")
+        if anchor not in ("previous", "base"):
+            raise ValueError(f"unknown L2-SP anchor {anchor!r}")
         self.variant = variant
+        self.anchor_choice = anchor
+        self.anchor_path = Path(anchor_path) if anchor_path else None
+
+    def _load_reference(self, named: Sequence[tuple[str, torch.nn.Parameter]]) -> None:
+        chosen = select_params(list(named), self.include, self.exclude)
+        assert self.anchor_path is not None
+        self._reference = load_anchor(self.anchor_path, chosen, self.anchor_dtype)
+        log.info("regularizer %s: theta0 read from %s (%d tensors)", self.name,
+                 self.anchor_path, len(chosen))
+
+    def capture_reference(self, model: torch.nn.Module) -> None:
+        if self.anchor_path is None:
+            super().capture_reference(model)
+        else:
+            self._load_reference(list(model.named_parameters()))
 
     def prepare(self, ctx: RegContext) -> None:
+        if self.anchor_path is not None and self._reference is None:
+            self._load_reference(list(ctx.params()))
         self._setup(ctx, decoupled=self.variant == "decoupled")
 
     def value(self, ctx: RegContext) -> torch.Tensor:
