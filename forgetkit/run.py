@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(debug_enabled(argv))
     outcome = run_experiment(base, runs, force=args.force, src=src, checks=checks)
-    print(f"results: {outcome.root}/summary.csv", file=sys.stderr)
+    table = "sequence_summary.csv" if base.sequence is not None else "summary.csv"
+    print(f"results: {outcome.root}/{table}", file=sys.stderr)
     print(f"forgetkit: {outcome.message()}", file=sys.stderr)
     return 0 if outcome.ok else 1
 

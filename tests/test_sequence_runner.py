@@ -558,3 +558,21 @@ def test_nan_measures_stay_empty_cells(tmp_path):
     with (tmp_path / "sequence_summary.csv").open() as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["bwt"] == "" and row["seed"] == "3"
+
+
+def test_dry_run_shows_the_stages_and_writes_nothing(tmp_path, fakes, capsys):
+    config = experiment(tmp_path)
+    rc, err = cli(capsys, config, "--dry-run")
+    assert rc == 0, err
+    assert "3 runs (1 arms x 1 seeds x 3 stages)" in err
+    assert "sequence: 0:alpha [alpha_nll] -> 1:beta [beta_nll] -> 2:gamma [gamma_nll]" in err
+    assert "stage 1:beta" in err and "estimated time" in err
+    assert not (tmp_path / "results").exists() and fakes.trained == []
+
+
+def test_forgetkit_train_refuses_a_sequence(tmp_path, capsys):
+    from forgetkit.train.__main__ import main
+
+    rc = main([str(experiment(tmp_path)), "data.train.path=x.jsonl"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sequence: a task sequence is run by python -m forgetkit.run" in err, err

@@ -14,6 +14,12 @@ Layout (read by ``forgetkit.report`` and by pandas)::
             eval_before.json  eval_after.json  summary.json
             run.log                    the traceback of a failed attempt
             model/ checkpoints/        kept only with experiment.keep_checkpoints
+        sequence_matrix.csv sequence_summary.csv   a task sequence (``sequence:``): long-form
+                                       R and its measures (forgetkit.results.sequence)
+        <arm>/seed-<s>/                a task sequence's arm x seed:
+            sequence.json              R, base scores, general scores, BWT/FWT/...
+            stage-<k>-<name>/          one run per stage (the files above + ``stage`` in
+                                       summary.json); not rows of summary.csv
 
 Every file is written atomically (temporary file, then rename): a kill never leaves half a file.
 """

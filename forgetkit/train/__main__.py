@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)  # options and overrides in any order
     cfg = load_config(args.config, args.overrides)  # validated before anything is written
     src = args.config + (" (with command-line overrides)" if args.overrides else "")
+    if cfg.sequence is not None:
+        raise ConfigError(f"{src}: sequence: a task sequence is run by python -m forgetkit.run "
+                          "(one training per stage, each from the previous stage's model); "
+                          "python -m forgetkit.train trains one config")
     from forgetkit import assets  # noqa: F401  (registers model and dataset aliases)
     from forgetkit.preflight import preflight, raise_on_problems
 
