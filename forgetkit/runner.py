@@ -1269,6 +1269,8 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
                 done.add(run.dir)
                 _sequence_step(run, runs, root, opts, trained=False)
                 continue
+            if run.stage is not None:  # derived from the stages: rewritten once all finished
+                _remove(run.dir.parent / "sequence.json", root)
             aside = _set_aside(run, root, stamp) if force and run.dir.exists() else None
             old_finished = aside is not None and is_finished(aside)
             log.info("%s: starting", head)

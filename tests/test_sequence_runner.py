@@ -309,9 +309,17 @@ def test_changed_stage_0_invalidates_every_stage(tmp_path, fakes, capsys):
     assert err.count("sequence.previous:") == 2, err  # stages 1 and 2: through the chain
     assert "data.train.limit: null -> 20" in err
     assert len(fakes.trained) == 3  # nothing retrained without --force
+    seq = tmp_path / "results" / "seq" / "naive" / "seed-0" / "sequence.json"
+    fakes.fail["naive seed 0 stage 2-gamma"] = RuntimeError("boom")
+    rc, err = cli(capsys, config, "--force")
+    assert rc == 1 and len(fakes.trained) == 6, err
+    # stages 0 and 1 were replaced, stage 2's old result put back: the old sequence.json (of
+    # the old stages) is gone, and so are the tables built from it
+    assert not seq.exists() and not (seq.parents[2] / "sequence_summary.csv").exists()
+    del fakes.fail["naive seed 0 stage 2-gamma"]
     rc, err = cli(capsys, config, "--force")
     assert rc == 0, err
-    assert len(fakes.trained) == 6
+    assert len(fakes.trained) == 9 and seq.is_file()
 
 
 def test_failed_stage_stops_its_sequence_and_a_rerun_resumes_there(tmp_path, fakes, capsys):

@@ -193,7 +193,8 @@ def _csv(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
 def write_sequence_tables(root: Path) -> int:
     """``sequence_matrix.csv`` and ``sequence_summary.csv`` at ``root`` from every
     ``<arm>/seed-<s>/sequence.json`` (sorted by arm, then seed). Returns the number of
-    sequences; writes nothing when there is none."""
+    sequences; when there is none, the two tables are removed (they were derived from
+    sequence files that are gone, e.g. a sequence being recomputed)."""
     from forgetkit.results import read_json, write_text
 
     root = Path(root)
@@ -206,6 +207,8 @@ def write_sequence_tables(root: Path) -> int:
         found.append((p.parent.parent.name, seed, p))
     found.sort(key=lambda x: (x[0], x[1]))
     if not found:
+        for name in (MATRIX_CSV, SUMMARY_CSV):
+            (root / name).unlink(missing_ok=True)
         return 0
     matrix, summary = [], []
     for arm, seed, p in found:
