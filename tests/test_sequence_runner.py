@@ -584,3 +584,36 @@ def test_forgetkit_train_refuses_a_sequence(tmp_path, capsys):
     rc = main([str(experiment(tmp_path)), "data.train.path=x.jsonl"])
     err = capsys.readouterr().err
     assert rc == 2 and "sequence: a task sequence is run by python -m forgetkit.run" in err, err
+
+
+def test_runs_saved_before_the_sequence_keys_are_still_reused(tmp_path, fakes, capsys):
+    """identity.json files written before ``sequence``, L2-SP's ``anchor``/``anchor_path`` and
+    ``data.replay.sources`` existed read them at their defaults (forgetkit.identity.ADDED_KEYS,
+    ADDED_NESTED): such runs are still reused; a real change is still seen."""
+    cfg = tiny_config_dict(tmp_path)
+    cfg["name"] = "old"
+    cfg.pop("output")
+    ev = write_instruction_data(tmp_path / "ev.jsonl", n=4, seed=1)
+    cfg["evaluation"] = {"task": [{"name": "alpha_nll", "kind": "answer_nll",
+                                   "data": {"path": str(ev)}}]}
+    cfg["regularizers"] = [{"type": "l2"}]
+    cfg["experiment"] = {"arms": [
+        {"name": "l2"},
+        {"name": "replay", "overrides": {"data.replay": {"data": {"path": str(ev)}},
+                                         "regularizers": []}}],
+        "results_dir": str(tmp_path / "results" / "{name}")}
+    config = tmp_path / "old.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert cli(capsys, config)[0] == 0
+    new_keys = {"sequence", "regularizers.0.anchor", "regularizers.0.anchor_path",
+                "data.replay.sources"}
+    for arm in ("l2", "replay"):
+        p = tmp_path / "results" / "old" / arm / "seed-0" / "identity.json"
+        ident = json.loads(p.read_text())
+        assert "sequence" in ident and ({"regularizers.0.anchor", "data.replay.sources"}
+                                        & set(ident))
+        p.write_text(json.dumps({k: v for k, v in ident.items() if k not in new_keys}))
+    rc, err = cli(capsys, config)
+    assert rc == 0 and "2 reused" in err, err
+    rc, err = cli(capsys, config, "--arms", "l2", "regularizers.0.anchor=base")
+    assert rc == 2 and 'regularizers.0.anchor: "previous" -> "base"' in err, err
