@@ -868,6 +868,18 @@ def _replay_check(self: ReplayConfig, where: str, src: str) -> None:
                           "general data to mix in)")
 
 
+# Sections a stage's overrides may not change, and why (the rest of a stage is its own run).
+_STAGE_FIXED = {
+    "sequence": "set the sequence in the config or an arm",
+    "evaluation": "every stage is scored on the same metrics (R's rows must be comparable)",
+    "analysis": "the analysis is the experiment's",
+    "experiment": "seeds, arms and the results directory are the experiment's",
+    "output": "the runner places each stage's output",
+    "seed": "the seed is the arm x seed's (experiment.seeds)",
+    "name": "the name is the experiment's",
+}
+
+
 def _sequence_check(self: SequenceConfig, where: str, src: str) -> None:
     if len(self.stages) < 2:
         raise ConfigError(f"{src}: {where}.stages: a sequence needs at least two stages, got "
@@ -881,9 +893,10 @@ def _sequence_check(self: SequenceConfig, where: str, src: str) -> None:
                               f"of {where}.stages[{seen[st.name]}]; stage names must be unique")
         seen[st.name] = i
         for k in st.overrides:
-            if k == "sequence" or k.startswith("sequence."):
+            head = k.split(".")[0]
+            if head in _STAGE_FIXED:
                 raise ConfigError(f"{src}: {where}.stages[{i}].overrides.{k}: a stage cannot "
-                                  "change the sequence itself (set it in the config or an arm)")
+                                  f"change {head}: {_STAGE_FIXED[head]}")
 
 
 def _output_check(self: OutputConfig, where: str, src: str) -> None:

@@ -371,6 +371,9 @@ def _raw(tmp_path: Path) -> dict[str, Any]:
      r"unknown key 'sequence.replay.buffer'; did you mean 'sequence.replay.buffer_per_stage'"),
     (lambda s: s["stages"][0].update(name="../x"), r"sequence.stages\[0\].name: '../x' is not "
      "a safe name"),
+    (lambda s: s["stages"][1].update(overrides={"evaluation.batch_size": 2}),
+     r"sequence.stages\[1\].overrides.evaluation.batch_size: a stage cannot change evaluation: "
+     "every stage is scored on the same metrics"),
     (lambda s: s["stages"][0].update(overrides={"training.lrr": 1}),
      r"sequence stage 0 \('alpha'\).*unknown key 'training.lrr'; did you mean 'training.lr'"),
 ])
