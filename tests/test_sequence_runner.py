@@ -73,7 +73,12 @@ def fake_value(model_dir: Any, metric: str) -> float:
 def fake_evaluate(model_dir: Any, cfg: Any) -> dict[str, Any]:
     def entry(name: str) -> dict[str, Any]:
         return {"value": fake_value(model_dir, name), "higher_is_better": False,
-                "kind": "answer_nll", "items": {"nll": [fake_value(model_dir, name)] * 2}}
+                "kind": "answer_nll",
+                # the real per-item format (forgetkit.results.stats): two items whose summed
+                # NLL over their token counts is the value
+                "items": {"stat": "ratio", "id": ["0:a", "1:b"],
+                          "score": [fake_value(model_dir, name) * 2, fake_value(model_dir, name)],
+                          "count": [2, 1]}}
 
     return {"task": {m.name: entry(m.name) for m in cfg.evaluation.task},
             "general": {m.name: entry(m.name) for m in cfg.evaluation.general}}

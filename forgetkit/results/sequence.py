@@ -41,7 +41,7 @@ from typing import Any
 
 __all__ = ["final_average", "learning_accuracy", "task_forgetting", "bwt", "fwt",
            "sequence_record", "matrix_rows", "summary_row", "write_sequence_tables",
-           "SEQUENCE_FILE", "MATRIX_CSV", "SUMMARY_CSV"]
+           "SEQUENCE_FILE", "MATRIX_CSV", "SUMMARY_CSV", "AGG_CSV", "GENERAL_CSV"]
 
 SEQUENCE_FILE = "sequence.json"
 MATRIX_CSV = "sequence_matrix.csv"
@@ -190,12 +190,32 @@ def _csv(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def write_sequence_tables(root: Path) -> int:
-    """``sequence_matrix.csv`` and ``sequence_summary.csv`` at ``root`` from every
-    ``<arm>/seed-<s>/sequence.json`` (sorted by arm, then seed). Returns the number of
-    sequences; when there is none, the two tables are removed (they were derived from
-    sequence files that are gone, e.g. a sequence being recomputed)."""
+AGG_CSV = "sequence_agg.csv"
+GENERAL_CSV = "sequence_general.csv"
+GENERAL_COLUMNS = ("arm", "stage_index", "stage", "metric", "value", "delta", "delta_lo",
+                   "delta_hi")
+
+
+def _union(rows: list[dict[str, Any]], lead: Sequence[str]) -> list[str]:
+    cols = list(lead)
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols
+
+
+def write_sequence_tables(root: Path, analysis: Any = None) -> int:
+    """The sequence tables at ``root`` from every ``<arm>/seed-<s>/sequence.json`` (sorted by
+    arm, then seed): ``sequence_matrix.csv`` (R long form), ``sequence_summary.csv`` (one row
+    per sequence: the measures with their paired item-bootstrap CIs and ``vs_<baseline>_*``),
+    ``sequence_agg.csv`` (one row per arm: mean over seeds, crossed seeds x items CIs) and
+    ``sequence_general.csv`` (each general metric after each stage, its change from the base
+    model with a paired CI); :mod:`forgetkit.results.sequence_stats`, with the settings of
+    ``analysis`` (default: the root's ``analysis.json``). Returns the number of sequences; when
+    there is none, the tables are removed (they were derived from sequence files that are gone,
+    e.g. a sequence being recomputed)."""
     from forgetkit.results import read_json, write_text
+    from forgetkit.results.sequence_stats import sequence_stats
+    from forgetkit.results.summary import load_analysis
 
     root = Path(root)
     found = []
@@ -207,18 +227,24 @@ def write_sequence_tables(root: Path) -> int:
         found.append((p.parent.parent.name, seed, p))
     found.sort(key=lambda x: (x[0], x[1]))
     if not found:
-        for name in (MATRIX_CSV, SUMMARY_CSV):
+        for name in (MATRIX_CSV, SUMMARY_CSV, AGG_CSV, GENERAL_CSV):
             (root / name).unlink(missing_ok=True)
         return 0
-    matrix, summary = [], []
+    matrix, recs = [], []
     for arm, seed, p in found:
         rec = read_json(p)
         rec = {k: (math.nan if v is None else v) if not isinstance(v, (list, dict)) else v
                for k, v in rec.items()}  # JSON null is a NaN measure
         rec["base"] = [math.nan if v is None else v for v in rec["base"]]
         rec["R"] = [[math.nan if v is None else v for v in row] for row in rec["R"]]
+        rec["general"] = {g: [math.nan if v is None else v for v in vals]
+                          for g, vals in (rec.get("general") or {}).items()}
         matrix += matrix_rows(arm, seed, rec)
-        summary.append(summary_row(arm, seed, rec))
+        recs.append((arm, seed, p.parent, rec))
+    per_seed, per_arm, general = sequence_stats(recs, load_analysis(root, analysis))
     write_text(root / MATRIX_CSV, _csv(matrix, MATRIX_COLUMNS))
-    write_text(root / SUMMARY_CSV, _csv(summary, SUMMARY_COLUMNS))
+    write_text(root / SUMMARY_CSV, _csv(per_seed, _union(per_seed, SUMMARY_COLUMNS)))
+    write_text(root / AGG_CSV, _csv(per_arm, _union(per_arm, ("arm", "n_seeds",
+                                                               *SUMMARY_COLUMNS[2:]))))
+    write_text(root / GENERAL_CSV, _csv(general, GENERAL_COLUMNS))
     return len(found)
