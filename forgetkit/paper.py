@@ -38,8 +38,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from forgetkit.cli import guarded
 from forgetkit.config import ConfigError
@@ -56,8 +57,11 @@ from forgetkit.report import (
     write_tables,
 )
 
-# The paper's experiments: the main comparison and the lambda sweep behind its lambdas.
-EXPERIMENTS = ["ewc_medical", "ewc_medical_sweep", "ewc_medical_v2"]
+# The paper's experiments: the main comparison and the lambda sweep behind its lambdas, the
+# one-seed studies with per-item statistics (v2; v3: the cloze suite with more items) and the
+# task-sequence study.
+EXPERIMENTS = ["ewc_medical", "ewc_medical_sweep", "ewc_medical_v2", "ewc_medical_v3",
+               "sequence_medical"]
 # Not compared by --compare: they depend on the machine, not on the method.
 VOLATILE = {"train_time_s", "n_seeds"}
 
@@ -77,6 +81,25 @@ class Mismatch:
 
     def __str__(self) -> str:
         return f"paper.md:{self.line}: {self.what}"
+
+
+@dataclass
+class SequenceTables:
+    """A task-sequence experiment's tables (``sequence_agg.csv``: one row per arm; its markers
+    are ``<experiment>/<arm>/<column>``, e.g. ``sequence_medical/naive/bwt``)."""
+
+    root: Path
+    agg: dict[str, dict[str, Any]]
+    points: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_sequence_tables(root: Path) -> SequenceTables:
+    import csv
+
+    from forgetkit.results.sequence import AGG_CSV
+
+    with (root / AGG_CSV).open() as fh:
+        return SequenceTables(root, {r["arm"]: r for r in csv.DictReader(fh)})
 
 
 def _decimals(num: str) -> int:
@@ -117,7 +140,8 @@ def _cell(results: dict[str, Results], key: str) -> tuple[float | None, str | No
     elif arm not in res.agg:
         return None, f"{key}: unknown arm {arm!r} (arms: {list(res.agg)})"
     else:
-        row, where = res.agg[arm], f"{exp}/summary_agg.csv"
+        row = res.agg[arm]
+        where = f"{exp}/{'sequence_agg' if isinstance(res, SequenceTables) else 'summary_agg'}.csv"
     if col not in row:
         return None, f"{key}: no column {col!r} in {where}"
     v = _as_float(row[col])
@@ -178,7 +202,7 @@ def check_text(text: str, results: dict[str, Results], paper_dir: Path | None = 
 
 def _generated_tables(results: dict[str, Results]) -> dict[str, str]:
     return {f"{exp}/{t.name}": to_markdown(t) for exp, res in results.items()
-            for t in tables(res)}
+            if not isinstance(res, SequenceTables) for t in tables(res)}
 
 
 def update_tables(text: str, results: dict[str, Results]) -> str:
@@ -196,6 +220,14 @@ def fill_lines(results: dict[str, Results]) -> list[str]:
     """``<exp>/<arm>/<column>: <marker><mean> ± <ci>`` for every aggregated cell."""
     lines = []
     for exp, res in results.items():
+        if isinstance(res, SequenceTables):  # every column: the measures and their CI bounds
+            for arm, a in res.agg.items():
+                for col, v in a.items():
+                    x = _as_float(v)
+                    if col != "arm" and x is not None:
+                        lines.append(f"{exp}/{arm}/{col}: <!-- fk: {exp}/{arm}/{col} -->"
+                                     f"{fmt(x, 3)}")
+            continue
         for arm, a in res.agg.items():
             for col in a:
                 if not col.endswith("_mean") or col.startswith("grid:"):
@@ -217,6 +249,8 @@ def compare(new_root: Path, old: dict[str, Results]) -> list[str]:
     committed 95 % CI (or, without a CI, beyond the printed precision); missing arms too."""
     moved = []
     for exp, res in old.items():
+        if isinstance(res, SequenceTables):
+            continue  # one seed committed: nothing to compare a CI over seeds with
         try:
             new = load_results(new_root / exp)
         except ConfigError as e:
@@ -252,8 +286,19 @@ def compare(new_root: Path, old: dict[str, Results]) -> list[str]:
     return moved
 
 
-def load_all(results_dir: Path, experiments: list[str]) -> dict[str, Results]:
-    return {e: load_results(results_dir / e) for e in experiments}
+def load_all(results_dir: Path, experiments: list[str]) -> dict[str, Any]:
+    """Each experiment's tables: :class:`Results`, or :class:`SequenceTables` for a sequence
+    experiment (a ``sequence_agg.csv`` and no ``summary.csv``)."""
+    from forgetkit.results.sequence import AGG_CSV
+
+    out: dict[str, Any] = {}
+    for e in experiments:
+        root = results_dir / e
+        if (root / AGG_CSV).is_file() and not (root / "summary.csv").is_file():
+            out[e] = load_sequence_tables(root)
+        else:
+            out[e] = load_results(root)
+    return out
 
 
 def generate(results: dict[str, Results], paper_dir: Path, figures: bool = True) -> list[str]:
