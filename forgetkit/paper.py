@@ -65,7 +65,7 @@ EXPERIMENTS = ["ewc_medical", "ewc_medical_sweep", "ewc_medical_v2", "ewc_medica
 # Not compared by --compare: they depend on the machine, not on the method.
 VOLATILE = {"train_time_s", "n_seeds"}
 
-MARKER = re.compile(r"<!--\s*fk:\s*(?P<key>\S+?)(?:\s+(?P<opt>x100))?\s*-->(?P<text>[^\n]*)")
+MARKER = re.compile(r"<!--\s*fk:\s*(?P<key>\S+?)(?:\s+(?P<opt>x100))?\s*-->(?P<text>[^\n<]*)")
 NUMBER = re.compile(r"\s*(?P<num>[-+−]?\d+(?:\.\d+)?)"
                     r"(?:\s*(?:±|\$\\pm\$|\\pm|\+/-)\s*(?P<ci>\d+(?:\.\d+)?))?")
 TABLE_BLOCK = re.compile(r"<!--\s*fk-table:\s*(?P<key>\S+)\s*-->\n(?P<body>.*?)"
@@ -306,11 +306,26 @@ def generate(results: dict[str, Results], paper_dir: Path, figures: bool = True)
     figures not drawn."""
     notes = []
     for exp, res in results.items():
+        if isinstance(res, SequenceTables):
+            notes += _sequence_outputs(exp, res, paper_dir, figures)
+            continue
         write_tables(res, paper_dir / "tables" / exp)
         if figures:
             rep = make_figures(res, paper_dir / "figures" / exp, load_curves(res, write=False))
             notes += [f"{exp}: {s}" for s in rep.skipped]
     return notes
+
+
+def _sequence_outputs(exp: str, res: SequenceTables, paper_dir: Path, figures: bool
+                      ) -> list[str]:
+    """A sequence experiment's tables and figures (forgetkit.report.sequence), when that module
+    is installed; its numbers are checked through the markers either way."""
+    try:
+        from forgetkit.report import sequence as report_sequence
+    except ImportError:
+        return [f"{exp}: sequence figures and tables: forgetkit.report.sequence not available"]
+    out = paper_dir / "figures" / exp if figures else None
+    return report_sequence.paper_outputs(res.root, paper_dir / "tables" / exp, out)
 
 
 @guarded

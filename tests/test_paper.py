@@ -161,9 +161,9 @@ def test_shipped_paper_figure_links_and_tables_fill(results_dir: Path, tmp_path:
     text = re.sub(r"!\[[^]]*\]\(figures/ewc_medical/pareto_wiki_nll\.png\)", "", text)
     # the paired v2 study (per-item scores) is checked against the committed results below and
     # in test_summary_stats; this synthetic tree has none
-    text = re.sub(r"!\[[^]]*\]\(figures/ewc_medical_v2/[^)]*\)", "", text)
-    text = re.sub(r"<!-- fk-table: ewc_medical_v2/\w+ -->.*?<!-- /fk-table -->", "", text,
-                  flags=re.S)
+    text = re.sub(r"!\[[^]]*\]\(figures/(ewc_medical_v[23]|sequence_medical)/[^)]*\)", "", text)
+    text = re.sub(r"<!-- fk-table: (ewc_medical_v[23]|sequence_medical)/\w+ -->.*?"
+                  r"<!-- /fk-table -->", "", text, flags=re.S)
     (p / "paper.md").write_text(text)
     shutil.copytree(results_dir / "ewc_medical", tmp_path / "res" / "ewc_medical")
     # the sweep: the synthetic tree plus an L2 grid (a copy of its EWC grid arms, renamed)
@@ -200,3 +200,16 @@ def test_committed_paper_matches_committed_results(tmp_path: Path) -> None:
     # tables regenerated and compared with the fk-table blocks, every marked number checked,
     # every figure link resolved (the committed figures; --no-figures keeps the test fast)
     assert main(["--results", str(ROOT / "results"), "--paper", str(p), "--no-figures"]) == 0
+
+
+def test_every_marker_of_a_line_is_checked(results: dict, tmp_path: Path) -> None:
+    """Several markers on one line (a value and its interval bounds): each is checked, not only
+    the first (the marker's text once ran to the end of the line and swallowed the others)."""
+    lines = [ln.split(": ", 1)[1] for ln in fill_lines(results)]
+    one_line = " and ".join(lines[:3])
+    assert check_text(one_line, results) == []
+    last = lines[2]
+    num = last.split("-->", 1)[1].split()[0]
+    wrong = last.replace(f"-->{num}", "-->" + ("9" if not num.startswith("9") else "8") + num[1:], 1)
+    problems = check_text(" and ".join([*lines[:2], wrong]), results)
+    assert len(problems) == 1 and "paper.md:1:" in str(problems[0]), problems
