@@ -42,7 +42,12 @@ def write_index(res: Results, out: Path, rep: Report) -> None:
 
 
 def build_report(root: Path | str, out: Path | str | None = None) -> Report:
-    """Everything: tables, figures and index.md of one experiment into ``out``."""
+    """Everything: tables, figures and index.md of one experiment into ``out`` (a task-sequence
+    experiment's: :func:`forgetkit.report.sequence.build_sequence_report`)."""
+    from forgetkit.report.sequence import build_sequence_report, is_sequence_results
+
+    if is_sequence_results(root):
+        return build_sequence_report(root, out)
     res = load_results(root)
     out = Path(out) if out is not None else res.root / "report"
     out.mkdir(parents=True, exist_ok=True)
