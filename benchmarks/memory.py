@@ -28,7 +28,10 @@ thread pools, autograd engine). On CUDA
 (if present) the worker runs on the GPU and reports ``torch.cuda.max_memory_allocated()``
 (tensors only), baseline 0.
 
-The estimate is ``forgetkit.memory.estimate_for_config(cfg, model=model, seq_len=s)``.
+The estimate is ``forgetkit.memory.estimate_for_config(cfg, model=model, seq_len=s,
+logit_positions=<the batch's target positions>)``; the measured step computes logits where
+``--logits`` says (default ``targets``, the loop's default: the target positions only; ``all``:
+every position, as before 2026-12-02's numerics version 3).
 Target: measured / estimated within 0.85-1.15.
 
     .venv/bin/python benchmarks/memory.py            # 3 sizes x {plain, ewc} x {ckpt off, on}
@@ -74,7 +77,8 @@ SIZES: dict[str, tuple[int, int, int, int, int, int, bool]] = {
 VOCAB_ROWS: tuple[str, ...] = ("v49k",)
 
 
-def config(size: str, ewc: bool, ckpt: bool, s: int, b: int, out: Path) -> Any:
+def config(size: str, ewc: bool, ckpt: bool, s: int, b: int, out: Path,
+           logits: str = "targets") -> Any:
     from forgetkit.config import config_from_dict
 
     d, L, h, i, kv, V, tied = SIZES[size]
@@ -87,7 +91,8 @@ def config(size: str, ewc: bool, ckpt: bool, s: int, b: int, out: Path) -> Any:
                   "tokenizer": "byte", "dtype": "float32", "attn_implementation": "sdpa",
                   "gradient_checkpointing": ckpt},
         "data": {"train": {"path": "unused.jsonl"}, "max_length": s},
-        "training": {"micro_batch_size": b, "lr": 1e-4, "max_grad_norm": 1.0},
+        "training": {"micro_batch_size": b, "lr": 1e-4, "max_grad_norm": 1.0,
+                     "logits": logits},
         "distributed": {"cpu": True},
         "output": {"dir": str(out)},
         "regularizers": ([{"type": "ewc", "lambda": 1.0, "fisher_data": {"path": "unused"}}]
@@ -140,7 +145,7 @@ def run_steps(a: argparse.Namespace, cfg: Any, tok: Any, backend: Any,
 
     from forgetkit.models import load_model
     from forgetkit.regularizers.ewc import EWC
-    from forgetkit.train.loop import reg_context, token_losses
+    from forgetkit.train.loop import model_inputs, reg_context, target_losses, target_mask
     from forgetkit.train.optim import build_optimizer, param_groups, set_lr
 
     dev = backend.device
@@ -160,11 +165,11 @@ def run_steps(a: argparse.Namespace, cfg: Any, tok: Any, backend: Any,
         regs.append(reg)
     model, optimizer = backend.wrap(model, optimizer)
     ctx.model = model
+    keep = target_mask(batch, t.logits == "targets")  # as the loop (training.logits)
     for _ in range(steps):
         with backend.autocast():
-            out = backend.forward(input_ids=batch["input_ids"],
-                                  attention_mask=batch["attention_mask"])
-        ce = token_losses(out, batch["labels"])
+            out = backend.forward(**model_inputs(batch, None, keep))
+        ce = target_losses(out, batch["labels"], keep)
         loss = ce.sum() * (1.0 / n_targets)
         # ``out`` (the logits) stays referenced through the backward pass, as in the loop
         backend.backward(loss)
@@ -191,7 +196,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available()
-    cfg = config(a.size, a.ewc, a.ckpt, a.seq, a.batch, Path(a.workdir) / "run")
+    cfg = config(a.size, a.ewc, a.ckpt, a.seq, a.batch, Path(a.workdir) / "run", a.logits)
     if cuda:
         cfg.distributed.cpu = False
     tok = build_byte_tokenizer()
@@ -202,7 +207,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     n_targets = int((batch["labels"] != -100).sum())
     # Warm-up: the same code path once on a tiny model, so that lazily imported modules, code
     # pages of the shared libraries, thread pools and autograd's engine are in the baseline.
-    tiny = config(a.size, a.ewc, a.ckpt, a.seq, 1, Path(a.workdir) / "run")
+    tiny = config(a.size, a.ewc, a.ckpt, a.seq, 1, Path(a.workdir) / "run", a.logits)
     tiny.model.random_init.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=2, vocab_size=259)
     tiny_batch = {k: v[:1].clamp(max=258) if k != "attention_mask" else v[:1]
@@ -223,7 +228,7 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     sampler.stop = True
     sampler.join()
     peak_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    est = estimate_for_config(cfg, model=model, seq_len=a.seq)
+    est = estimate_for_config(cfg, model=model, seq_len=a.seq, logit_positions=n_targets)
     res: dict[str, Any] = {
         "params": est.details["params"], "base_rss": base_rss, "base_maxrss": base_max,
         "peak_maxrss": peak_max, "peak_sampled": sampler.peak,
@@ -266,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smol", action="store_true",
                    help="add SmolLM2-135M-shaped rows (random init; ~3 GB, minutes on CPU)")
     p.add_argument("--workdir", default="/tmp", help=argparse.SUPPRESS)
+    p.add_argument("--logits", choices=("targets", "all"), default="targets",
+                   help="training.logits of the measured step (default targets, the loop's "
+                        "default: logits at the target positions only)")
     a = p.parse_args(argv)
     if a.worker:
         print("RESULT " + json.dumps(worker(a)))
@@ -281,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.smol:
         plan += [("smol135m", False, ckpt, True) for ckpt in (False, True)]
     rows = []
-    print(f"fp32 AdamW, s={a.seq} b={a.batch}, {a.steps} optimizer steps, {a.threads} threads; "
+    print(f"fp32 AdamW, s={a.seq} b={a.batch}, {a.steps} optimizer steps, {a.threads} threads, "
+          f"training.logits {a.logits}; "
           f"measured = peak RSS - baseline RSS (fresh process per row, malloc={a.malloc})")
     hdr = (f"{'size':>8} {'params':>7} {'V':>6} {'pad%':>5} {'ewc':>4} {'ckpt':>5} {'k':>5} "
            f"{'est W+G+O+R':>11} {'est act':>8} {'(logits)':>8} {'est peak':>9} "
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
                    "--size", size, "--seq", str(a.seq), "--batch", str(a.batch),
                    "--steps", str(a.steps), "--threads", str(a.threads),
-                   "--workdir", work] + (["--ewc"] if ewc else []) + (
+                   "--workdir", work, "--logits", a.logits] + (["--ewc"] if ewc else []) + (
                        ["--ckpt"] if ckpt else []) + (["--padded"] if padded else [])
             env = dict(os.environ)
             if a.malloc == "mmap":

@@ -250,6 +250,12 @@ class TrainingConfig:
         "gradient terms (coupled L2-SP/EWC), as when a penalty is added to the loss; 'loss' = "
         "the loss gradient only, the gradient terms are added after the clip (a stiff EWC "
         "term then cannot shrink the task gradient; not with DeepSpeed)")
+    logits: Literal["targets", "all"] = _f(
+        "targets", doc="where the LM head computes logits: 'targets' = only at the positions "
+        "that have a target token (transformers' logits_to_keep with a boolean mask: the "
+        "loss is the same sum, but the vocabulary projection and the cross-entropy skip "
+        "prompt and padding positions; probed before training, every position where the "
+        "model does not support it), 'all' = at every position (as HF Trainer)")
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = _f(
         "no", doc="bf16/fp16: autocast with fp32 master weights (fp16: CUDA only); auto: bf16 "
         "where this device runs a bf16 matmul measurably faster than fp32 (CUDA with bf16 "

@@ -66,12 +66,14 @@ NON_IDENTITY_KEYS: tuple[str, ...] = (
 # Bumped whenever the same config computes something else; a run (or checkpoint) made by an
 # earlier version is then not reused (or resumed) as if it were this one. A saved identity
 # without the key is version 1.
-NUMERICS_VERSION = 2
+NUMERICS_VERSION = 3
 NUMERICS_KEY = "forgetkit.numerics"
 NUMERICS_CHANGES: dict[int, str] = {
     1: "forgetkit up to 2026-12-01",
     2: "learning-rate schedules are transformers' (warmup starts at lr 0 on step 0; the peak is "
        "used on one step)",
+    3: "training.logits 'targets' (the default): the LM head computes logits only at target "
+       "positions (the same loss up to float rounding of a smaller matmul)",
 }
 
 # Config keys added to the schema after identities were first saved (2026-12-01): a saved
@@ -231,7 +233,10 @@ def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if a is _ABSENT or b is _ABSENT or json.dumps(a, default=str) != json.dumps(b, default=str):
             line = f"{k}: {_show(a)} -> {_show(b)}"
             if k == NUMERICS_KEY and b in NUMERICS_CHANGES:  # say what changed in forgetkit
-                line += f" (forgetkit's computation changed since: {NUMERICS_CHANGES[b]})"
+                lo = a if isinstance(a, int) and a < b else b - 1
+                what = "; ".join(f"{v}: {NUMERICS_CHANGES[v]}" for v in range(lo + 1, b + 1)
+                                 if v in NUMERICS_CHANGES)
+                line += f" (forgetkit's computation changed since: {what})"
             out.append(line)
     return out
 

@@ -83,7 +83,9 @@ Outside the layers: the logits and the loss, ``s b V`` elements, at their peak a
 the backward pass: the logits (compute dtype ``c``; the training loop keeps the model output
 referenced through the backward), the log-softmax the cross-entropy saves (fp32), the gradient
 of the loss with respect to it and the one with respect to its input (both fp32, alive together
-inside the log-softmax backward): ``s b V (c + 12)`` bytes. (The fp32 copy of 16-bit logits
+inside the log-softmax backward): ``s b V (c + 12)`` bytes, or ``K V (c + 12)`` when logits are
+computed at K positions only (``training.logits: targets``, the default: K = the target
+positions of the micro-batch, at most the sum of its examples' target counts). (The fp32 copy of 16-bit logits
 that ``logits.float()`` makes is the log-softmax's input, which it does not save: it is freed
 in the forward pass and is not part of this peak; it was counted, as ``+ 4``, until measured
 with the real 49152-token vocabulary, benchmarks/README.md.) These are dense over all ``s``
@@ -248,7 +250,8 @@ def estimate(shape: ModelShape, *, seq_len: int, micro_batch: int = 1,
              regularizers: tuple[str, ...] | list[str] = (), anchor_dtype: str = "float32",
              kl_ref_dtype: str | None = None, grad_accumulation: int = 1,
              attention: Attention = "sdpa", autocast: bool = False,
-             trainable_params: int | None = None, k: float | None = None) -> MemoryEstimate:
+             trainable_params: int | None = None, k: float | None = None,
+             logit_positions: int | None = None) -> MemoryEstimate:
     """Per-GPU memory of one full fine-tuning step (bytes); see the module docstring.
 
     Args:
@@ -271,6 +274,9 @@ def estimate(shape: ModelShape, *, seq_len: int, micro_batch: int = 1,
             single/DDP backends) instead of 16-bit parameters + fp32 master in the optimizer.
         trainable_params: parameters that train (default all).
         k: override the activation constant (bytes per token * hidden * layer).
+        logit_positions: positions per micro-batch whose logits are computed (default all
+            ``seq_len * micro_batch``; forgetkit's ``training.logits: targets`` computes them
+            at the target positions only).
 
     Returns:
         The :class:`MemoryEstimate` per GPU.
@@ -286,6 +292,9 @@ def estimate(shape: ModelShape, *, seq_len: int, micro_batch: int = 1,
         raise ValueError(f"unknown regularizer(s) {bad}; expected some of {REGULARIZERS}")
     if world_size < 1 or seq_len < 1 or micro_batch < 1:
         raise ValueError("world_size, seq_len and micro_batch must be >= 1")
+    if logit_positions is not None and not 0 <= logit_positions <= seq_len * micro_batch:
+        raise ValueError(f"logit_positions must be in [0, seq_len * micro_batch = "
+                         f"{seq_len * micro_batch}], got {logit_positions}")
     if offload_params and sharding not in ("zero3", "fsdp"):
         raise ValueError("offload_params needs sharding zero3 or fsdp")
     notes: list[str] = []
@@ -366,10 +375,12 @@ def estimate(shape: ModelShape, *, seq_len: int, micro_batch: int = 1,
     else:
         layers_act = L * layer_act
     logit_b = 4 if precision == "fp32" else 2  # logits in the compute dtype
-    logits = s * b * V * (logit_b + 12)
+    n_logits = s * b if logit_positions is None else logit_positions
+    logits = n_logits * V * (logit_b + 12)
     outside = s * b * d * (3 * resid)  # embeddings out, final norm in/out
     acts = layers_act + logits + outside + kl_act
     details.update(k=kk, activations_layers_bytes=int(layers_act), logits_bytes=int(logits),
+                   logit_positions=int(n_logits),
                    k_formula="fp32: 4*(8+2dkv/d+4i/d); mixed: 16+2*(4+2dkv/d+4i/d); "
                              "bf16: 2*(...)")
 
@@ -484,8 +495,8 @@ def _trainable_without_weights(cfg: Config) -> int | None:
 
 
 def estimate_for_config(cfg: Config, world_size: int = 1, *, model: Any = None,
-                        seq_len: int | None = None, trainable_params: int | None = None
-                        ) -> MemoryEstimate:
+                        seq_len: int | None = None, trainable_params: int | None = None,
+                        logit_positions: int | None = None) -> MemoryEstimate:
     """The estimate for a forgetkit run config, per GPU.
 
     Args:
@@ -496,6 +507,9 @@ def estimate_for_config(cfg: Config, world_size: int = 1, *, model: Any = None,
         seq_len: padded sequence length (default ``cfg.data.max_length``: the worst case).
         trainable_params: parameters that train (default: counted on ``model``, else from
             the LoRA/freezing config on a meta-device model, else all).
+        logit_positions: with ``training.logits: targets``, the most target positions of any
+            micro-batch (the data knows it: the training loop passes it); default every
+            position (an upper bound, noted). Ignored with ``training.logits: all``.
 
     Returns:
         The :class:`MemoryEstimate`.
@@ -544,7 +558,15 @@ def estimate_for_config(cfg: Config, world_size: int = 1, *, model: Any = None,
                    grad_accumulation=t.gradient_accumulation_steps,
                    attention=attention,  # type: ignore[arg-type]
                    autocast=precision.endswith("mixed") and strategy != "deepspeed",
-                   trainable_params=trainable_params)
+                   trainable_params=trainable_params,
+                   logit_positions=(min(logit_positions, (seq_len or cfg.data.max_length)
+                                        * t.micro_batch_size)
+                                    if t.logits == "targets" and logit_positions is not None
+                                    else None))
+    if t.logits == "targets" and logit_positions is None:
+        est.notes.append("training.logits 'targets': logits at target positions only; without "
+                         "the data's target counts the logits/loss term is counted at every "
+                         "position (an upper bound)")
     if trainable_params is not None and trainable_params < shape.params:
         est.notes.append(
             f"{trainable_params:,} of {shape.params:,} parameters train (LoRA adapters / "

@@ -157,7 +157,8 @@ def test_run_finished_before_identities_is_checked_from_its_config_yaml(tmp_path
     # checked from its config.yaml, and its numbers are not today's, so it is not reused.
     before = snapshot(root)
     rc, err = cli(capsys, config)
-    assert rc == 2 and "forgetkit.numerics: 1 -> 2" in err and "schedules" in err, err
+    assert rc == 2 and "forgetkit.numerics: 1 -> 3" in err and "schedules" in err, err
+    assert "3: training.logits 'targets'" in err, err  # every change since, not the last only
     assert "training.warmup_steps" not in err, err  # the config keys themselves still match
     rc, err = cli(capsys, config, "training.warmup_steps=2")
     assert rc == 2 and "training.warmup_steps: 1 -> 2" in err, err
@@ -188,17 +189,17 @@ def test_keys_added_to_the_schema_later_do_not_invalidate_a_saved_run(tmp_path, 
 def test_run_of_older_numerics_is_not_reused(tmp_path, fakes, capsys):
     """A finished run whose identity.json was saved before forgetkit's numerics were versioned
     (version 1) is not reused as today's: same config, other computation."""
-    from forgetkit.identity import NUMERICS_KEY
+    from forgetkit.identity import NUMERICS_KEY, NUMERICS_VERSION
 
     config = experiment(tmp_path)
     root = tmp_path / "results" / "rel"
     assert cli(capsys, config)[0] == 0
     p = root / "naive" / "seed-0" / "identity.json"
     ident = json.loads(p.read_text())
-    assert ident.pop(NUMERICS_KEY) == 2
+    assert ident.pop(NUMERICS_KEY) == NUMERICS_VERSION
     p.write_text(json.dumps(ident))
     rc, err = cli(capsys, config)
-    assert rc == 2 and "forgetkit.numerics: 1 -> 2" in err, err
+    assert rc == 2 and "forgetkit.numerics: 1 -> 3" in err, err
     no_traceback(err)
     assert fakes.trained == ["naive seed 0", "l2 seed 0"]
 

@@ -137,7 +137,8 @@ class TrainResult:
 
 
 def memory_report(cfg: Config, backend: Any, baseline_rss: int | None = None,
-                  trainable_params: int | None = None) -> dict[str, Any]:
+                  trainable_params: int | None = None, logit_positions: int | None = None
+                  ) -> dict[str, Any]:
     """The process's measured memory next to forgetkit's estimate (forgetkit.memory).
 
     On a GPU ``torch.cuda.max_memory_allocated`` (tensors: comparable with the estimate); on
@@ -154,7 +155,8 @@ def memory_report(cfg: Config, backend: Any, baseline_rss: int | None = None,
         sharded = backend.world_size > 1 and backend.name in ("fsdp", "deepspeed")
         est = estimate_for_config(cfg, backend.world_size,
                                   model=None if sharded else backend.unwrap(),
-                                  trainable_params=trainable_params)
+                                  trainable_params=trainable_params,
+                                  logit_positions=logit_positions)
         measured = measured_peak_bytes(baseline_rss)
         log.info("%s", memory_line(est, measured))
         return {"memory": measured, "memory_estimate": est.to_dict()}
@@ -231,6 +233,17 @@ def token_losses(model_out: Any, labels: torch.Tensor) -> torch.Tensor:
     return ce.view(labels.shape)
 
 
+def target_losses(model_out: Any, labels: torch.Tensor, keep: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """Per-position cross-entropy in fp32: (B, T) with 0 where the label is ignored
+    (:func:`token_losses`) when ``keep`` is None; else (K,) at the K positions of the boolean
+    mask ``keep`` (B, T), the model's logits being those positions only (``logits_to_keep``)."""
+    if keep is None:
+        return token_losses(model_out, labels)
+    return F.cross_entropy(model_out.logits.float(), labels[keep], ignore_index=IGNORE_INDEX,
+                           reduction="none")
+
+
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
@@ -289,12 +302,70 @@ class PaddingFree:
         return kw
 
 
-def model_inputs(batch: dict[str, Any], pf: PaddingFree | None) -> dict[str, Any]:
+def model_inputs(batch: dict[str, Any], pf: PaddingFree | None,
+                 keep: torch.Tensor | None = None) -> dict[str, Any]:
     """The forward's keyword arguments: padded (``input_ids``, ``attention_mask``) or, with
-    ``pf``, the padding-free ones (:meth:`PaddingFree.inputs`)."""
-    if pf is None:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    return pf.inputs(batch)
+    ``pf``, the padding-free ones (:meth:`PaddingFree.inputs`); with ``keep`` (a boolean mask
+    of the batch's positions), ``logits_to_keep=keep``: logits at those positions only."""
+    kw = ({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+          if pf is None else pf.inputs(batch))
+    if keep is not None:
+        kw["logits_to_keep"] = keep
+    return kw
+
+
+def target_mask(batch: dict[str, Any], on: bool) -> torch.Tensor | None:
+    """The positions whose logits the loss needs (a target label), when ``on``."""
+    return batch["labels"] != IGNORE_INDEX if on else None
+
+
+@torch.no_grad()
+def target_logits_setup(backend: Backend, pf: PaddingFree | None, pad_id: int) -> bool:
+    """Whether this model computes logits at target positions only (``training.logits:
+    targets``), proved before training: the forward must take ``logits_to_keep`` as a boolean
+    (B, T) mask (transformers >= 5: ``slice_logits_to_keep``) and return, for a probe batch of
+    two examples of different lengths (padded, or one flat row with ``pf``), logits of shape
+    (K, V) equal to the full forward's at those K positions within sqrt(eps) x the logit scale
+    (the same hidden states through a smaller matmul: rounding only). Any other answer (the
+    keyword refused, another shape, other values) falls back to every position, logged. All
+    ranks run it (sharded models need every rank in every forward)."""
+    model = backend.unwrap()
+    config = getattr(model, "config", None)
+    vocab = int(getattr(config, "vocab_size", 2) or 2)
+    g = torch.Generator().manual_seed(0)
+    hi = max(2, min(vocab, 1000))
+    seqs = [torch.randint(0, hi, (n,), generator=g).tolist() for n in (7, 4)]
+    exs = [Example(x, [IGNORE_INDEX] * 2 + x[3:] + [IGNORE_INDEX]) for x in seqs]
+    batch = _to(collate_flat(exs) if pf is not None else collate(exs, pad_id, 1), backend.device)
+    keep = target_mask(batch, True)
+    was_training = backend.model.training
+    backend.model.eval()
+    why = ""
+    try:
+        with backend.autocast():
+            full = backend.forward(**model_inputs(batch, pf)).logits
+            kept = backend.forward(**model_inputs(batch, pf, keep)).logits
+        want = full[keep].float()
+        if tuple(kept.shape) != tuple(want.shape):
+            why = f"logits of shape {tuple(kept.shape)} for {tuple(want.shape)}"
+        else:
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                         torch.float32)
+            scale = max(1.0, float(want.abs().max()))
+            diff = float((kept.float() - want).abs().max())
+            if diff > math.sqrt(torch.finfo(dtype).eps) * scale:
+                why = f"logits differ by {diff:.2e} from the full forward's"
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    finally:
+        if was_training:
+            backend.model.train()
+    if why:
+        log.info("training.logits 'targets': this model's forward does not keep target "
+                 "positions only (%s); logits are computed at every position", why)
+        return False
+    log.info("logits at target positions only (training.logits: targets)")
+    return True
 
 
 @torch.no_grad()
@@ -373,8 +444,8 @@ def padding_free_setup(backend: Backend) -> PaddingFree:
 
 @torch.no_grad()
 def validation_loss(backend: Backend, examples: Sequence[Example], micro_batch_size: int,
-                    pad_id: int, pad_multiple: int, pf: PaddingFree | None = None
-                    ) -> float | None:
+                    pad_id: int, pad_multiple: int, pf: PaddingFree | None = None,
+                    targets_only: bool = False) -> float | None:
     """Mean loss per target token over ``examples``, split across ranks (all ranks call it).
 
     Batches of ``micro_batch_size`` examples, longest first; ``pf`` (padding-free runs): each
@@ -394,10 +465,11 @@ def validation_loss(backend: Backend, examples: Sequence[Example], micro_batch_s
         exs = [examples[i] for i in batches[b if real else 0]]
         batch = _to(collate_flat(exs) if pf is not None else collate(exs, pad_id, pad_multiple),
                     backend.device)
+        keep = target_mask(batch, targets_only)
         with backend.autocast():
-            out = backend.forward(**model_inputs(batch, pf))
+            out = backend.forward(**model_inputs(batch, pf, keep))
         if real:
-            ce = token_losses(out, batch["labels"])
+            ce = target_losses(out, batch["labels"], keep)
             total[0] += ce.sum().double()
             total[1] += (batch["labels"] != IGNORE_INDEX).sum()
     backend.all_reduce_sum(total)
@@ -970,6 +1042,14 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
     ctx.model = model
     # Padding-free batches: how this model keeps example boundaries, probed (nothing written yet)
     pf = padding_free_setup(backend) if cfg.data.batching == "padding_free" else None
+    # Logits at target positions only (training.logits: targets), where the model proves it can
+    targets_only = (t.logits == "targets"
+                    and target_logits_setup(backend, pf, tokenizer.pad_token_id))
+    # the most logit positions of any micro-batch, for the memory estimate: its examples' target
+    # counts at most (the largest ones of the stream), else every position
+    logit_bound = (sum(sorted((x.n_targets for x in (*data.train, *data.replay)),
+                              reverse=True)[:t.micro_batch_size])
+                   if targets_only else cfg.data.max_length * t.micro_batch_size)
 
     # -- resume; only now, validated, does the output describe this run
     start_step, counters, resumed_from = 0, {"tokens": 0, "target_tokens": 0, "time_s": 0.0}, None
@@ -1024,10 +1104,12 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
         for a, examples in enumerate(micro):
             batch = _to(collate_flat(examples) if pf is not None else
                         collate(examples, pad_id, cfg.data.pad_to_multiple_of), dev)
+            keep = target_mask(batch, targets_only)  # (B, T) bool, or None: every position
             with backend.sync_context(sync=a == n_micro - 1):
                 with backend.autocast():
-                    out = backend.forward(**model_inputs(batch, pf))
-                ce = token_losses(out, batch["labels"])  # (B, T) fp32; padding-free (1, N)
+                    out = backend.forward(**model_inputs(batch, pf, keep))
+                # (B, T) fp32 (padding-free (1, N)); with keep (K,), the target positions only
+                ce = target_losses(out, batch["labels"], keep)
                 task_sum = ce.sum()
                 loss = task_sum * scale
                 for reg in regularizers:  # penalty terms that need a forward pass (e.g. KL)
@@ -1043,8 +1125,10 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
                 if has_replay:  # masked sums, not `if rep.any()`: no host sync per micro-step
                     rep = batch["source"] == 1  # (B,) per example; padding-free (1, N)
                     rep = rep[:, None] if rep.dim() == 1 else rep  # (B, 1): replay examples
+                    if keep is not None:  # ce is (K,): the replay flag of each kept position
+                        rep = rep.expand_as(keep)[keep]
                     acc[2] += (ce.detach() * rep).sum().double()
-                    acc[3] += (targets & rep).sum()
+                    acc[3] += (targets & rep).sum() if keep is None else rep.sum()
         # Gradients are now reduced across ranks. Gradient-space regularizer terms (in place),
         # clipped together with the loss gradient (clip_scope "all") or added after the clip.
         if t.clip_scope == "loss":
@@ -1105,7 +1189,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
             t_last, tok_last = now, counters["tokens"]
             if t.eval_every and done % t.eval_every == 0 and done != plan.total_steps:
                 val_loss = validation_loss(backend, data.validation, t.micro_batch_size, pad_id,
-                                           cfg.data.pad_to_multiple_of, pf)
+                                           cfg.data.pad_to_multiple_of, pf, targets_only)
                 rec["val_loss"] = val_loss
             if backend.is_main:
                 with _writing(out_dir), log_path.open("a") as fh:
@@ -1113,7 +1197,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
                 trackers.log(rec, step=done)
         elif t.eval_every and done % t.eval_every == 0 and done != plan.total_steps:
             val_loss = validation_loss(backend, data.validation, t.micro_batch_size, pad_id,
-                                       cfg.data.pad_to_multiple_of, pf)
+                                       cfg.data.pad_to_multiple_of, pf, targets_only)
         if bar is not None:
             bar.update(1)
         counters["time_s"] = time.perf_counter() - t_start
@@ -1132,7 +1216,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
         bar.close()
     # -- the end: validation, final checkpoint, HF model
     val_loss = validation_loss(backend, data.validation, t.micro_batch_size, pad_id,
-                               cfg.data.pad_to_multiple_of, pf)
+                               cfg.data.pad_to_multiple_of, pf, targets_only)
     if backend.is_main:
         with _writing(out_dir), log_path.open("a") as fh:
             fh.write(json.dumps({"step": plan.total_steps, "final": True,
@@ -1144,7 +1228,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
         status.checkpoint = plan.total_steps
     model_dir = None
     # LoRA: the memory report reads the peft model, which saving merges in place: read it first
-    mem = memory_report(cfg, backend, post_load_rss, n_trainable) if lora_info and backend.is_main else None
+    mem = memory_report(cfg, backend, post_load_rss, n_trainable, logit_bound) if lora_info and backend.is_main else None
     if cfg.output.save_model and lora_info is not None:  # rank 0 merges; single/DDP only
         model_dir = out_dir / "model"
         if backend.is_main:
@@ -1181,7 +1265,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
                     trainable_params=n_trainable, total_params=n_params)
         if freeze_active(cfg):
             info["freeze"] = freeze.to_dict()
-        info.update(mem if mem is not None else memory_report(cfg, backend, post_load_rss, n_trainable))
+        info.update(mem if mem is not None else memory_report(cfg, backend, post_load_rss, n_trainable, logit_bound))
         if lora_info is not None:
             info["lora"] = lora_info
         _write_text(out_dir / "train_result.json", json.dumps(info, indent=1))
