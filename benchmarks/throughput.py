@@ -12,6 +12,10 @@ per second* (tokens that carry loss: the responses) of these ways to fully fine-
               transformers builds the block-diagonal causal mask from the position resets);
   fk-grouped  ``forgetkit.train.loop.train(cfg)`` with ``data.batching: length_grouped``;
   fk-flat     the same with ``data.batching: padding_free``;
+  fk-flat-all the same with ``training.logits: all`` (the LM head and the cross-entropy at every
+              position, as HF computes them; the two forgetkit rows above use the default
+              ``training.logits: targets``: logits at the target positions only), so that the
+              table separates what padding-free rows and what the target-only head each buy;
   hf-maxlen   (not run by default) HF ``Trainer`` with every example padded to ``max_length``.
 
 Data (``--dist``): ``medmcqa`` (default) is the embedded task's own data, the MedMCQA train
@@ -72,12 +76,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-METHODS = ("hf-grouped", "hf-flat", "fk-grouped", "fk-flat", "hf-maxlen")
-DEFAULT_METHODS = ("hf-grouped", "hf-flat", "fk-grouped", "fk-flat")
+METHODS = ("hf-grouped", "hf-flat", "fk-grouped", "fk-flat", "fk-flat-all", "hf-maxlen")
+DEFAULT_METHODS = ("hf-grouped", "hf-flat", "fk-grouped", "fk-flat", "fk-flat-all")
 LABEL = {"hf-grouped": "HF Trainer, group_by_length + dynamic pad",
          "hf-flat": "HF Trainer, DataCollatorWithFlattening",
          "fk-grouped": "forgetkit, length_grouped",
          "fk-flat": "forgetkit, padding_free",
+         "fk-flat-all": "forgetkit, padding_free, logits: all",
          "hf-maxlen": "HF Trainer, pad to max_length"}
 IGNORE = -100
 SMOL = "smollm2-135m-instruct"
@@ -165,7 +170,8 @@ def model_spec(args: argparse.Namespace) -> dict[str, Any]:
             "max_position_embeddings": max(2048, args.max_length), "use_cache": False}
 
 
-def forgetkit_config(args: argparse.Namespace, work: Path, batching: str, seed: int) -> Any:
+def forgetkit_config(args: argparse.Namespace, work: Path, batching: str, seed: int,
+                     logits: str = "targets") -> Any:
     from forgetkit.config import config_from_dict
 
     raw = {
@@ -181,9 +187,9 @@ def forgetkit_config(args: argparse.Namespace, work: Path, batching: str, seed: 
                      "max_steps": args.warmup + args.steps, "lr": args.lr,
                      "scheduler": "constant", "warmup_steps": 0, "weight_decay": 0.0,
                      "max_grad_norm": 1.0, "log_every": 1, "eval_every": 0,
-                     "checkpoint_every": 0, "resume": False},
+                     "checkpoint_every": 0, "resume": False, "logits": logits},
         "distributed": {"cpu": True},
-        "output": {"dir": str(work / f"fk-{batching}-{seed}"), "save_model": False},
+        "output": {"dir": str(work / f"fk-{batching}-{logits}-{seed}"), "save_model": False},
     }
     return config_from_dict(raw, "benchmarks/throughput.py")
 
@@ -237,7 +243,9 @@ def model_dims(model: Any) -> dict[str, int]:
     c = model.config
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     total = sum(p.numel() for p in model.parameters())
-    return {"matmul_params": matmul, "params": total, "layers": c.num_hidden_layers,
+    head = model.get_output_embeddings().weight.numel()
+    return {"matmul_params": matmul, "head_params": head, "params": total,
+            "layers": c.num_hidden_layers,
             "attn_dim": c.num_attention_heads * getattr(c, "head_dim", c.hidden_size //
                                                         c.num_attention_heads)}
 
@@ -299,8 +307,9 @@ def run_forgetkit(args: argparse.Namespace, work: Path, method: str, seed: int
     from forgetkit.models import load_model
     from forgetkit.train.loop import StepPlan, build_data, train
 
-    batching = "padding_free" if method == "fk-flat" else "length_grouped"
-    cfg = forgetkit_config(args, work, batching, seed)
+    batching = "padding_free" if method.startswith("fk-flat") else "length_grouped"
+    logits = "all" if method.endswith("-all") else "targets"
+    cfg = forgetkit_config(args, work, batching, seed, logits)
     res = train(cfg, progress=False)
     log = [json.loads(ln) for ln in (res.out_dir / "train_log.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in log if "elapsed_s" in r}
@@ -333,10 +342,13 @@ def run_forgetkit(args: argparse.Namespace, work: Path, method: str, seed: int
     assert chk == targets, (chk, targets)
     epoch = [mb for k in range(plan.steps_per_epoch) for mb in shapes(k)[0]]
     dims = model_dims(model)
+    acct = account(dims, window, flat)
+    if logits == "targets":  # the LM head ran on the window's target positions only
+        acct["exec_flops"] -= 6.0 * dims["head_params"] * (acct["exec_tokens"] - targets)
     return {"elapsed_s": elapsed, "target_tokens": targets, "step_times": step_times,
             "final_loss": log[-2]["loss"] if len(log) > 1 else None,
             "pad_epoch": pad_fraction(epoch, flat), "pad_window": pad_fraction(window, flat),
-            "n_examples": len(data.train), **account(dims, window, flat)}
+            "n_examples": len(data.train), "logits": logits, **acct}
 
 
 def run_hf(args: argparse.Namespace, work: Path, method: str, seed: int) -> dict[str, Any]:
@@ -445,7 +457,13 @@ def check_same_objective(args: argparse.Namespace, work: Path, exs: list[Any], t
 
     from forgetkit.data.batching import collate, collate_flat
     from forgetkit.models import load_model
-    from forgetkit.train.loop import PaddingFree, token_losses
+    from forgetkit.train.loop import (
+        PaddingFree,
+        model_inputs,
+        target_losses,
+        target_mask,
+        token_losses,
+    )
 
     cfg = forgetkit_config(args, work, "length_grouped", args.seed)
     model, _ = load_model(cfg.model, tokenizer=tok)
@@ -456,10 +474,17 @@ def check_same_objective(args: argparse.Namespace, work: Path, exs: list[Any], t
         fk = collate(batch, tok.pad_token_id, 8)
         n_t = float((fk["labels"] != IGNORE).sum())
         o = model(input_ids=fk["input_ids"], attention_mask=fk["attention_mask"])
-        out["fk-grouped"] = float(token_losses(o, fk["labels"]).sum()) / n_t
+        out["fk-grouped-all"] = float(token_losses(o, fk["labels"]).sum()) / n_t
         fl = collate_flat(batch)
         o = model(**PaddingFree("position_ids", "sdpa").inputs(fl))
-        out["fk-flat"] = float(token_losses(o, fl["labels"]).sum()) / n_t
+        out["fk-flat-all"] = float(token_losses(o, fl["labels"]).sum()) / n_t
+        pf = PaddingFree("position_ids", "sdpa")
+        keep = target_mask(fl, True)  # training.logits: targets (the default)
+        o = model(**model_inputs(fl, pf, keep))
+        out["fk-flat"] = float(target_losses(o, fl["labels"], keep).sum()) / n_t
+        keep = target_mask(fk, True)
+        o = model(**model_inputs(fk, None, keep))
+        out["fk-grouped"] = float(target_losses(o, fk["labels"], keep).sum()) / n_t
         feats = [hf_features(e, None, tok.pad_token_id) for e in batch]
         hf = DataCollatorForSeq2Seq(tok, padding=True, pad_to_multiple_of=8,
                                     label_pad_token_id=IGNORE, return_tensors="pt")(feats)
@@ -583,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.lr:g} constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed "
               f"optimizer steps per method, {args.repeats} interleaved repeat(s), max_length "
               f"{args.max_length}")
-        ref = losses["fk-grouped"]
+        ref = losses["fk-grouped-all"]
         print("objective check (one micro-batch, same weights): " + ", ".join(
             f"{k} {v:.6f}" for k, v in losses.items()) +
             f"; max |diff| {max(abs(v - ref) for v in losses.values()):.1e}")
@@ -668,7 +693,9 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], p
               f"(--steps {HF_MEGA_BATCHES - args.warmup} covers one mega-batch).")
     print("pad %: padding tokens / tokens computed, in the timed window and over one epoch's "
           "plan (HF's from transformers' get_length_grouped_indices). MFU exec: 6*N*T + "
-          "12*L*d*T^2 per row computed (padding and masked attention included) / matmul peak.")
+          "12*L*d*T^2 per row computed (padding and masked attention included; with logits at "
+          "the target positions only, the LM head's 6*V*d on the other positions left out) / "
+          "matmul peak.")
     return summary
 
 
