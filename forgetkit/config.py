@@ -168,6 +168,11 @@ class ReplayConfig:
     ``n_replay = round(ratio * T)`` of the ``T = n_task + n_replay`` examples of the epoch's
     stream are replay (T the smallest total for which that holds), spread evenly, drawn without
     replacement from a seeded permutation of the replay pool (cycling when an epoch needs more).
+    The ratio is exact over each epoch's whole stream, not per step: length grouping then sorts
+    replay and task examples together (steps hold different replay shares), and a run that
+    stops inside an epoch (``training.max_steps``) trains on the share of the steps it took
+    (``train_result.json`` records ``n_replay_trained`` and the log's ``loss/replay`` the steps that
+    had replay examples).
 
     The pool is ``data``'s examples followed by each of ``sources`` (a seeded buffer each), in
     order; at least one of the two is required. A task sequence (``sequence.replay``) fills
@@ -505,8 +510,9 @@ class ExperimentOptions:
 class SequenceReplayConfig:
     """Replay from the earlier stages of a task sequence: stage ``k``'s replay pool holds a
     seeded buffer of ``buffer_per_stage`` records of each earlier stage's training data (and the
-    arm's own ``data.replay.data``, if any), mixed at exactly ``ratio`` (the batch planner's
-    rule, :class:`ReplayConfig`). Stage 0 has no sequence replay."""
+    arm's own ``data.replay.data``, if any), mixed at ``ratio`` of each epoch's stream (the
+    batch planner's rule, :class:`ReplayConfig`: exact per epoch, not per step, and a stage
+    that stops inside its epoch trains on its steps' share). Stage 0 has no sequence replay."""
 
     ratio: float = _f(0.1, gt=0.0, lt=1.0, doc="fraction of each stage's stream that is replay")
     buffer_per_stage: int = _f(64, ge=1, doc="records kept of each earlier stage's data")

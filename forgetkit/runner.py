@@ -71,6 +71,7 @@ import subprocess
 import sys
 import time
 import traceback
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -1076,8 +1077,61 @@ def stage_before(run: RunSpec) -> dict[str, Any]:
     return out
 
 
+STARTED_FROM = "started_from.json"
+
+
+def _instance(rdir: Path) -> str | None:
+    """The instance id of a finished run (``summary.json``'s ``instance``: a new id each time
+    the run is trained; None for runs finished before ids were recorded)."""
+    p = rdir / SUMMARY
+    return read_json(p).get("instance") if p.is_file() else None
+
+
+def stage_descends(run: RunSpec) -> bool:
+    """Whether the finished stage ``run`` was trained from its previous stage's *present*
+    result: a stage's identity is its config (and its predecessor's config), so a predecessor
+    trained again since (``--force``, a deleted folder) leaves the identity equal while the
+    weights it started from are gone; the stage then records another ``started_from`` than the
+    predecessor's ``instance``. Runs from before instance ids (neither side has one) count as
+    descended (nothing can tell)."""
+    st = run.stage
+    if st is None or st.prev is None:
+        return True
+    mine = read_json(run.dir / SUMMARY).get("started_from")
+    theirs = _instance(st.prev.dir)
+    return mine == theirs
+
+
+def _check_started_from(run: RunSpec) -> str | None:
+    """The previous stage's instance this stage trains from, recorded in ``started_from.json``
+    before anything else; a stage with checkpoints of training from another instance is
+    refused (resuming would continue weights that descend from a result since replaced)."""
+    st = run.stage
+    if st is None or st.prev is None:
+        return None
+    want = _instance(st.prev.dir)
+    p = run.dir / STARTED_FROM
+    if p.is_file() and (run.dir / "checkpoints").is_dir():
+        had = read_json(p).get("instance")
+        if had != want:
+            raise ConfigError(
+                f"{run.dir}: its checkpoints were trained from another result of "
+                f"{st.prev.label} (instance {had}, now {want}); rerun with --force to train "
+                "this stage again from the present one")
+    write_json(p, {"previous": str(st.prev.dir), "instance": want})
+    for i, rc in enumerate(run.cfg.regularizers):  # the online-EWC chain needs F_{k-1}
+        if rc.type == "ewc" and rc.online_gamma is not None and rc.fisher_path \
+                and not Path(rc.fisher_path).is_file():
+            raise ConfigError(
+                f"{run.label}: regularizers[{i}] (online EWC) continues the Fisher of "
+                f"{st.prev.label}, but {rc.fisher_path} is missing (deleted?); without it "
+                f"F_k would be the new estimate alone. Rerun {st.prev.label} with --force")
+    return want
+
+
 def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
     run.dir.mkdir(parents=True, exist_ok=True)
+    started_from = _check_started_from(run)
     resolve_stage_inputs(run, root)
     write_text(run.dir / "config.yaml", dump_config(run.cfg))
     write_json(run.dir / IDENTITY, run.identity())
@@ -1117,9 +1171,11 @@ def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
            "after": without_items(after), "train": train,
            "warnings": train_warnings(train),
            "regularizers": [config_to_dict(r) for r in run.cfg.regularizers],
-           "data_sources": sources, "wall_time_s": time.perf_counter() - t0}
+           "data_sources": sources, "wall_time_s": time.perf_counter() - t0,
+           "instance": uuid.uuid4().hex}
     if run.stage is not None:
         out["stage"] = run.stage.record()
+        out["started_from"] = started_from
     return out
 
 
@@ -1230,7 +1286,6 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
     """
     from forgetkit.locking import dir_lock
     from forgetkit.preflight import raise_on_problems
-    from forgetkit.results.sequence import write_sequence_tables
     from forgetkit.results.summary import write_tables
 
     src = src or f"experiment '{base.name}'"
@@ -1260,7 +1315,14 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
                 log.error("%s: %s", head, err)
                 outcome.failed.append((run.label, err))
                 continue
-            if is_finished(run.dir) and not force:
+            stale = is_finished(run.dir) and not stage_descends(run)
+            if stale:
+                w = (f"{run.label}: finished earlier, but from another result of "
+                     f"{prev.label if prev else 'its previous stage'} than the present one "
+                     "(trained again since): trained again")
+                log.warning("%s: %s", head, w)
+                outcome.warnings.append(w)
+            if is_finished(run.dir) and not force and not stale:
                 log.info("%s: finished earlier with the same config, reused (--force "
                          "recomputes)", head)
                 outcome.reused += 1
@@ -1271,7 +1333,8 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
                 continue
             if run.stage is not None:  # derived from the stages: rewritten once all finished
                 _remove(run.dir.parent / "sequence.json", root)
-            aside = _set_aside(run, root, stamp) if force and run.dir.exists() else None
+            aside = (_set_aside(run, root, stamp) if (force or stale) and run.dir.exists()
+                     else None)
             old_finished = aside is not None and is_finished(aside)
             log.info("%s: starting", head)
             try:
@@ -1295,7 +1358,7 @@ def run_experiment(base: Config, runs: list[RunSpec], force: bool = False, *,
                     + (f": {detail}" if detail else "") + note
                     + "; finished runs are kept; rerun the same command to resume") from None
         write_tables(root)
-        write_sequence_tables(root)
+        outcome.warnings += safe_sequence_tables(root)
     return outcome
 
 
@@ -1304,7 +1367,6 @@ def _sequence_step(run: RunSpec, runs: list[RunSpec], root: Path, opts: Any,
     """After a stage finished (``trained``) or was reused: delete the previous stage's model
     (this stage was its only user; kept with experiment.keep_checkpoints), and once the last
     stage is done write the sequence's ``sequence.json`` and the root's sequence tables."""
-    from forgetkit.results.sequence import write_sequence_tables
 
     st = run.stage
     if st is None:
@@ -1317,7 +1379,23 @@ def _sequence_step(run: RunSpec, runs: list[RunSpec], root: Path, opts: Any,
         chain.sort(key=lambda r: r.stage.index)  # type: ignore[union-attr]
         if all(is_finished(r.dir) for r in chain):
             write_json(run.dir.parent / "sequence.json", sequence_of(chain))
-            write_sequence_tables(root)
+            safe_sequence_tables(root)
+
+
+def safe_sequence_tables(root: Path) -> list[str]:
+    """The root's sequence tables; a failure to tabulate (e.g. sequences scored on other items)
+    is logged and returned, never raised: the finished stages are the results, the tables are
+    derived from them (rebuild with forgetkit.results.sequence.write_sequence_tables)."""
+    from forgetkit.results.sequence import write_sequence_tables
+
+    try:
+        write_sequence_tables(root)
+    except (ValueError, KeyError, OSError) as e:
+        msg = (f"sequence tables not written: {type(e).__name__}: {e}; the stage results are "
+               "kept (forgetkit.results.sequence.write_sequence_tables rebuilds them)")
+        log.error("%s", msg)
+        return [msg]
+    return []
 
 
 def sequence_of(chain: list[RunSpec]) -> dict[str, Any]:

@@ -220,11 +220,14 @@ def test_ewc_prepare_estimates_saves_reloads_and_online(tmp_path, tiny):
     _, meta = load_fisher(path)
     assert meta["estimator"] == "empirical" and meta["n_examples"] == 8
 
-    # an existing fisher_path is read, not re-estimated (no data needed)
-    b = EWC(1.0, batches=None, fisher_path=path)
+    # an existing fisher_path is read, not re-estimated (no data needed), and the run gets its
+    # own copy (a later online-EWC stage reads F_{k-1} from it, whoever made the shared file)
+    b = EWC(1.0, batches=None, fisher_path=path, run_dir=tmp_path / "runB")
     b.prepare(_ctx(model, tok))
     for x, y in zip(a.fisher, b.fisher, strict=True):
         assert torch.equal(x, y)
+    own_b, _ = load_fisher(tmp_path / "runB" / "fisher-ewc.safetensors")
+    assert all(torch.equal(own_b[n], x) for n, x in zip(b.names, a.fisher, strict=True))
 
     # online: F = gamma * F_old + F_new, written to the run's copy, fisher_path untouched
     before = path.stat().st_mtime_ns

@@ -625,3 +625,86 @@ def test_runs_saved_before_the_sequence_keys_are_still_reused(tmp_path, fakes, c
     assert rc == 0 and "2 reused" in err, err
     rc, err = cli(capsys, config, "--arms", "l2", "regularizers.0.anchor=base")
     assert rc == 2 and 'regularizers.0.anchor: "previous" -> "base"' in err, err
+
+
+# ----------------------------------------------------------------------------- the chain of results
+
+def _summaries(root: Path) -> list[dict[str, Any]]:
+    return [json.loads((root / f"stage-{k}-{n}" / "summary.json").read_text())
+            for k, n in enumerate(STAGES)]
+
+
+def test_each_stage_records_the_result_it_started_from(tmp_path, fakes, capsys):
+    config = experiment(tmp_path)
+    assert cli(capsys, config)[0] == 0
+    s = _summaries(tmp_path / "results" / "seq" / "naive" / "seed-0")
+    assert len({x["instance"] for x in s}) == 3 and s[0]["started_from"] is None
+    assert [x["started_from"] for x in s[1:]] == [s[0]["instance"], s[1]["instance"]]
+
+
+def test_a_stage_whose_predecessor_was_trained_again_is_not_reused(tmp_path, fakes, capsys):
+    """Its identity is unchanged (configs), but the weights it started from are gone: a stage
+    0 deleted by hand and trained again makes stages 1 and 2 train again, with a warning."""
+    import shutil
+
+    config = experiment(tmp_path)
+    assert cli(capsys, config)[0] == 0
+    root = tmp_path / "results" / "seq" / "naive" / "seed-0"
+    shutil.rmtree(root / "stage-0-alpha")
+    rc, err = cli(capsys, config)
+    assert rc == 0, err
+    assert fakes.trained[3:] == [f"naive seed 0 stage {k}-{n}" for k, n in enumerate(STAGES)]
+    assert err.count("than the present one (trained again since): trained again") == 2, err
+    s = _summaries(root)
+    assert [x["started_from"] for x in s[1:]] == [s[0]["instance"], s[1]["instance"]]
+    rc, err = cli(capsys, config)  # and now the chain is whole again: all reused
+    assert rc == 0 and "3 reused from earlier" in err and len(fakes.trained) == 6, err
+
+
+def test_force_with_a_failed_later_stage_leaves_no_stale_chain(tmp_path, fakes, capsys):
+    """--force trains stage 0 again, stage 1 fails (its old result is put back), stage 2 does
+    not start: a plain rerun must not reuse the old stages 1 and 2 on top of the new stage 0."""
+    config = experiment(tmp_path)
+    assert cli(capsys, config)[0] == 0
+    fakes.fail["naive seed 0 stage 1-beta"] = RuntimeError("boom")
+    rc, err = cli(capsys, config, "--force")
+    assert rc == 1 and "put back" in err, err
+    del fakes.fail["naive seed 0 stage 1-beta"]
+    rc, err = cli(capsys, config)
+    assert rc == 0, err
+    assert fakes.trained[-2:] == ["naive seed 0 stage 1-beta", "naive seed 0 stage 2-gamma"]
+    assert fakes.trained.count("naive seed 0 stage 0-alpha") == 2
+    s = _summaries(tmp_path / "results" / "seq" / "naive" / "seed-0")
+    assert [x["started_from"] for x in s[1:]] == [s[0]["instance"], s[1]["instance"]]
+
+
+def test_resume_from_checkpoints_of_another_predecessor_is_refused(tmp_path, fakes, capsys):
+    config = experiment(tmp_path)
+    fakes.fail["naive seed 0 stage 1-beta"] = RuntimeError("boom")  # leaves checkpoints/
+    assert cli(capsys, config)[0] == 1
+    root = tmp_path / "results" / "seq" / "naive" / "seed-0"
+    p = root / "stage-1-beta" / runner.STARTED_FROM
+    assert json.loads(p.read_text())["instance"] == _summaries_0(root)["instance"]
+    p.write_text(json.dumps({"instance": "an-older-stage-0"}))
+    del fakes.fail["naive seed 0 stage 1-beta"]
+    rc, err = cli(capsys, config)
+    assert rc == 1 and "stage-1-beta: its checkpoints were trained from another res" in err, err
+    assert fakes.trained.count("naive seed 0 stage 1-beta") == 1  # refused before training
+
+
+def _summaries_0(root: Path) -> dict[str, Any]:
+    return json.loads((root / "stage-0-alpha" / "summary.json").read_text())
+
+
+def test_online_ewc_refuses_a_missing_previous_fisher(tmp_path, fakes, capsys, caplog):
+    """Stage k >= 1 of online EWC reads F_{k-1} from stage k-1's own copy; when that file is
+    missing (the fake training, like a deleted file, writes none) the stage fails before
+    training, instead of using the new estimate alone."""
+    ewc = {**EWC_ONLINE, "fisher_data": {"path": str(tmp_path / "alpha_eval.jsonl")}}
+    config = experiment(tmp_path, arms=[{"name": "online", "overrides": {"regularizers": [ewc]}}])
+    with caplog.at_level("ERROR", logger="forgetkit"):
+        rc, err = cli(capsys, config)
+    assert rc == 1, err
+    assert "(online EWC) continues the Fisher of online seed 0 stage 0-alpha" in caplog.text
+    assert "stage-0-alpha/fisher-ewc.safetensors is missing" in caplog.text, caplog.text
+    assert [x for x in fakes.trained if "stage 1" in x] == []  # refused before training

@@ -159,3 +159,46 @@ def test_without_items_the_measures_have_no_ci(tmp_path):
     (row,) = read_csv(tmp_path / seq.SUMMARY_CSV)
     assert row["bwt"] != "" and not math.isnan(float(row["bwt"]))
     assert row["bwt_lo"] == row["bwt_hi"] == ""
+
+
+def _rewrite_items(root, arm: str, fn) -> None:
+    """Apply ``fn(items) -> items`` to every task metric's items of an arm's stage files."""
+    for p in (root / arm / "seed-0").glob("stage-*/eval_*.json"):
+        t = results.read_json(p)
+        for rec in t["task"].values():
+            rec["items"] = fn(rec["items"])
+        results.write_json(p, t)
+
+
+def test_arms_are_paired_by_item_id_not_by_position(tmp_path, caplog):
+    """A copy of naive whose files list the items in reverse order is still paired item by
+    item (its difference is exactly 0 in every replicate); an arm scored on other items gets no
+    CI and a warning instead of a comparison of different items."""
+    write_sequence(tmp_path, "naive", 0, 0.5, 1)
+    write_sequence(tmp_path, "reversed", 0, 0.5, 1)
+    write_sequence(tmp_path, "other", 0, 0.5, 1)
+    _rewrite_items(tmp_path, "reversed", lambda it: {k: v[::-1] if isinstance(v, list) else v
+                                                     for k, v in it.items()})
+    _rewrite_items(tmp_path, "other", lambda it: {**it, "id": [f"z{i}" for i in it["id"]]})
+    results.write_json(tmp_path / "analysis.json", {"n_boot": 300, "boot_seed": 3})
+    with caplog.at_level("WARNING", logger="forgetkit"):
+        assert seq.write_sequence_tables(tmp_path) == 3
+    per_seed = {r["arm"]: r for r in read_csv(tmp_path / seq.SUMMARY_CSV)}
+    r = per_seed["reversed"]
+    assert float(r["vs_naive_bwt"]) == float(r["vs_naive_bwt_lo"]) == \
+        float(r["vs_naive_bwt_hi"]) == 0.0
+    assert r["bwt_lo"] == per_seed["naive"]["bwt_lo"]  # the same items drawn: the same CI
+    o = per_seed["other"]
+    assert o["bwt"] != "" and o["bwt_lo"] == o["bwt_hi"] == "" and o["vs_naive_bwt_lo"] == ""
+    assert "other seed 0 was scored on other items" in caplog.text
+
+
+def test_forgetting_with_a_nan_in_its_window_is_nan():
+    hib = [True, True]
+    # R[0][0] or R[1][0] unknown: task 0's best earlier value is unknown, whatever its position
+    for r in ([[math.nan, 0.1], [0.5, 0.2], [0.4, 0.3]], [[1.0, 0.1], [math.nan, 0.2],
+                                                        [0.4, 0.3]]):
+        r3 = [row + [0.0] for row in r]
+        assert math.isnan(seq.task_forgetting(r3, hib + [True])[0])
+    assert seq.task_forgetting([[1.0, 0.0, 0.0], [0.8, 1.0, 0.0], [0.5, 0.9, 1.0]],
+                               [True] * 3) == pytest.approx([0.5, 0.1])

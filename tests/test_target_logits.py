@@ -137,6 +137,10 @@ def test_training_equals_all_positions(tiny_cfg, tmp_path, batching, replay):
         assert len(la) == (3 if k == "loss" else len(lt)) >= 1, (k, la, lt)
         assert lt == pytest.approx(la, rel=LOSS_RTOL), (k, la, lt)
     assert t.tokens == a.tokens and t.target_tokens == a.target_tokens
+    if replay:  # the replay examples the 3 steps of 2 x 2 examples trained on, recorded
+        info = json.loads((t.out_dir / "train_result.json").read_text())
+        n_steps_with_replay = len([r for r in rt if "loss/replay" in r])
+        assert n_steps_with_replay <= info["n_replay_trained"] < 12
     assert t.final_val_loss == pytest.approx(a.final_val_loss, rel=LOSS_RTOL)
     model, _ = load_model(cfg.model)
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -251,6 +251,8 @@ class EWC(AnchoredRegularizer):
                 log.info("EWC %s: Fisher read from %s (%s, %s examples)", self.name,
                          self.fisher_path, pmeta.get("estimator"), pmeta.get("n_examples"))
                 self.raw_meta = pmeta
+                if own is not None:  # the run's own copy too: a later online stage reads it
+                    self._save(ctx, own, prev, pmeta)
                 return prev
         new, n = self._estimate(ctx)
         meta: dict[str, Any] = {"estimator": self.estimator, "n_examples": n,

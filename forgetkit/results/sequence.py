@@ -83,8 +83,11 @@ def task_forgetting(r: Matrix, hib: Sequence[bool]) -> list[float]:
     out = []
     for j in range(t - 1):
         s = _s(hib[j])
-        best = max(s * float(r[k][j]) for k in range(j, t - 1))
-        out.append(best - s * float(r[t - 1][j]))
+        window = [s * float(r[k][j]) for k in range(j, t - 1)]
+        if any(math.isnan(v) for v in window):  # max() would skip or keep a NaN by position
+            out.append(math.nan)
+            continue
+        out.append(max(window) - s * float(r[t - 1][j]))
     return out
 
 

@@ -27,6 +27,7 @@ one experiment is resampled with the same items. A sequence without per-item sco
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,8 @@ from forgetkit.results.stats import (
 
 __all__ = ["MEASURES", "measures_of", "SequenceItems", "load_sequence_items",
            "measure_replicates", "sequence_stats"]
+
+log = logging.getLogger("forgetkit")
 
 MEASURES = ("final_average", "learning_accuracy", "bwt", "fwt")
 
@@ -173,6 +176,7 @@ def sequence_stats(found: Sequence[tuple[str, int, Path, dict[str, Any]]], analy
     rs = Resampler(analysis.n_boot, analysis.boot_seed)
     conf = analysis.confidence
     items = {(arm, seed): load_sequence_items(d, rec) for arm, seed, d, rec in found}
+    _pair_by_id(items)
     reps = {k: measure_replicates(si, rs) for k, si in items.items()}
     points = {k: measures_of(si.rec["R"], si.rec["higher_is_better"], si.rec["base"],
                              si.rec["stages"]) for k, si in items.items()}
@@ -209,6 +213,10 @@ def sequence_stats(found: Sequence[tuple[str, int, Path, dict[str, Any]]], analy
         sis = [items[(a, s)] for s in seeds_of[a]]
         rec0 = sis[0].rec
         for g in rec0.get("general") or {}:
+            if any(g not in (si.rec.get("general") or {}) for si in sis):
+                log.warning("sequence tables: %s: general metric %s is missing from some of "
+                            "its sequences; not tabulated", a, g)
+                continue
             general.append({"arm": a, "stage_index": -1, "stage": "base", "metric": g,
                             "value": _nanmean([si.rec["general"][g][0] for si in sis]),
                             "delta": 0.0, "delta_lo": math.nan, "delta_hi": math.nan})
@@ -226,6 +234,31 @@ def sequence_stats(found: Sequence[tuple[str, int, Path, dict[str, Any]]], analy
                     row.update(delta=pd["delta"], delta_lo=pd["lo"], delta_hi=pd["hi"])
                 general.append(row)
     return per_seed, per_arm, general
+
+
+def _pair_by_id(items: dict[tuple[str, int], SequenceItems]) -> None:
+    """Pair every sequence's items with the first complete one's, task by task, *by item id*
+    (in place: each sequence's scores reordered to the reference's item order), so that one
+    resample of positions picks the same items in every arm and seed. A sequence scored on
+    another item set than the reference gets no per-item scores (its measures have no CI; a
+    warning says so) rather than a comparison of different items."""
+    ref: dict[str, Any] = {}
+    for si in items.values():
+        if si.complete:
+            for m, b in zip(si.metrics, si.base, strict=True):
+                ref.setdefault(m, b)
+    for (arm, seed), si in items.items():
+        if not si.complete:
+            continue
+        if any(set(ref[m].ids) != set(b.ids) for m, b in zip(si.metrics, si.base, strict=True)):
+            log.warning("sequence tables: %s seed %d was scored on other items than the other "
+                        "sequences (an evaluation override?); its measures get no CI and it is "
+                        "not paired", arm, seed)
+            si.base = [None for _ in si.base]
+            continue
+        si.base = [align(ref[m], b) for m, b in zip(si.metrics, si.base, strict=True)]
+        si.after = [[align(ref[m], a) for m, a in zip(si.metrics, row, strict=True)]
+                    for row in si.after]
 
 
 def _nanmean(v: Sequence[float]) -> float:

@@ -207,6 +207,17 @@ class StepPlan:
             self._epoch_cache[e] = (stream, batches)
         return self._epoch_cache[e]
 
+    def replay_trained(self, steps: int) -> tuple[int, int]:
+        """(replay examples, all examples) in the first ``steps`` optimizer steps (all ranks):
+        the replay share the run actually trained on (exact per epoch, not per step)."""
+        n_rep = n_all = 0
+        for k in range(steps):
+            e, i = divmod(k, self.steps_per_epoch)
+            stream, batches = self.epoch(e)
+            n_rep += sum(stream[j].source == 1 for j in batches[i])
+            n_all += len(batches[i])
+        return n_rep, n_all
+
     def step(self, step: int, rank: int) -> tuple[list[list[Example]], int, int]:
         """(this rank's micro-batches, global target tokens, global input tokens) of a step."""
         e, i = divmod(step, self.steps_per_epoch)
@@ -1261,6 +1272,7 @@ def _train(cfg: Config, backend: Backend, regularizers: Sequence[Regularizer] | 
                     mixed_precision=backend.tcfg.mixed_precision,
                     n_train_examples=len(data.train), n_validation_examples=len(data.validation),
                     n_replay_pool=len(data.replay), global_batch=plan.global_batch,
+                    n_replay_trained=plan.replay_trained(plan.total_steps)[0],
                     identity_digest=identity_digest(identity) if identity else None,
                     trainable_params=n_trainable, total_params=n_params)
         if freeze_active(cfg):
