@@ -92,6 +92,9 @@ def test_synthetic_tables(synthetic: Path) -> None:
     assert [r[0] for r in vs.rows] == ["b (n=2)"]  # the baseline's own row (0) is left out
     assert vs.columns == ["vs_a_bwt"]  # an empty column (vs_a_fwt) is not a column
     assert vs.rows[0][1] == "0.100 [0.020, 0.200]"
+    gt = t["sequence_general"]
+    assert gt.headers[1:] == ["Δ wiki_nll after t1", "Δ wiki_nll after t2"]  # no meta: no arrow
+    assert gt.rows[0] == ["a (n=2)", "0.200 [0.190, 0.210]", "0.300 [0.290, 0.310]"]
     mt = t["sequence_matrix"]
     assert mt.rows[0] == ["base model", "0.250", "0.100"]
     assert mt.rows[1:3] == [["a: after t1", "0.600", "0.300"], ["a: after t2", "0.300", "0.800"]]
@@ -109,7 +112,7 @@ def test_synthetic_report_files(synthetic: Path, tmp_path: Path) -> None:
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
         assert (out / f"{f.stem}.pdf").stat().st_size > 1_000
     index = (out / "index.md").read_text()
-    for name in ("sequence", "sequence_vs", "sequence_matrix"):
+    for name in ("sequence", "sequence_vs", "sequence_general", "sequence_matrix"):
         assert f"table_{name}.md" in index and (out / f"table_{name}.tex").is_file()
     tex = (out / "table_sequence.tex").read_text()
     assert r"\textbf{-0.100 [-0.300, 0.050]}" in tex

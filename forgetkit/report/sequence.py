@@ -17,6 +17,8 @@ with a paired CI) and, for units and directions, one stage's ``eval_after.json``
                                   stage, per arm, with its paired CI
     table_sequence.{md,tex}       final average, learning accuracy, BWT, FWT, per-task forgetting
     table_sequence_vs.{md,tex}    the same measures as differences to the baseline arm, paired
+    table_sequence_general.{md,tex} each general metric's change from the base model after
+                                  each stage, per arm, with its paired CI
     table_sequence_matrix.{md,tex} R per arm (mean over seeds), the base model's row first
     index.md                      (``python -m forgetkit.report``) every table and figure
 
@@ -201,8 +203,42 @@ def sequence_tables(res: SequenceResults) -> list[Table]:
                     and r[0] != b]
             t.rows, t.bold = [t.rows[i] for i in keep], [t.bold[i] for i in keep]
             out.append(t)
+    g = general_table(res)
+    if g is not None:
+        out.append(g)
     out.append(matrix_table(res))
     return out
+
+
+def general_table(res: SequenceResults) -> Table | None:
+    """Each general metric's change from the base model after each stage (mean over seeds
+    [paired CI]): a row per arm, a column per (metric, stage)."""
+    metrics = res.general_metrics()
+    if not metrics:
+        return None
+    cols = [(m, i) for m in metrics for i in range(len(res.stages))]
+    cell_of: dict[tuple[str, str, int], dict[str, str]] = {
+        (r["arm"], r["metric"], int(r["stage_index"])): r for r in res.general}
+    headers = ["Arm"]
+    for m, i in cols:
+        hib = res.meta.get(m, {}).get("hib")
+        arrow = {True: " ↑", False: " ↓"}.get(hib, "")
+        headers.append(f"Δ {m} after {res.stages[i]}{arrow}")
+    rows, bold = [], []
+    for arm in res.arms:
+        n = res.n_seeds.get(arm)
+        cells = [f"{arm} (n={n})" if n else arm]
+        for m, i in cols:
+            r = cell_of.get((arm, m, i), {})
+            cells.append(cell({"d": r.get("delta"), "d_lo": r.get("delta_lo"),
+                               "d_hi": r.get("delta_hi")}, "d", DECIMALS))
+        rows.append(cells)
+        bold.append([False] * len(cells))
+    return Table("sequence_general",
+                 f"The general suite along the sequence: each metric's change from the base "
+                 f"model after each stage ({_ci_note(res)}, paired with the base model's "
+                 f"scores of the same items); arrows: the metric's better direction.",
+                 headers, rows, bold, [f"{m}@{i}" for m, i in cols])
 
 
 def matrix_table(res: SequenceResults) -> Table:
