@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         # mid-size model, and the embedded 135M model's shape (short window); --quick: tiny
         settings = ([("tiny", q)] if a.quick else
                     [("mid medmcqa", []), ("mid longtail", ["--dist", "longtail"]),
-                     ("smol135m medmcqa", ["--model", "smol135m", "--repeats", "1"])])
+                     ("smol135m medmcqa", ["--model", "smol135m", "--repeats", "2"])])
         for k, (name, extra) in enumerate(settings if "throughput" not in skip else []):
             r = run("throughput.py", extra, t / f"tp{k}.json")
             if isinstance(r, dict) and "ratio" in r.get("summary", {}):

@@ -85,21 +85,39 @@ class Mismatch:
 
 @dataclass
 class SequenceTables:
-    """A task-sequence experiment's tables (``sequence_agg.csv``: one row per arm; its markers
-    are ``<experiment>/<arm>/<column>``, e.g. ``sequence_medical/naive/bwt``)."""
+    """A task-sequence experiment's tables. Marker keys ``<experiment>/<arm>/<column>``:
+
+    * ``<arm>`` an arm, ``<column>`` a column of ``sequence_agg.csv`` (``sequence_medical/naive/
+      bwt``), or ``general_<metric>_s<k>`` (``_lo``/``_hi``): the general metric's change from the
+      base model after stage k, from ``sequence_general.csv``;
+    * ``<arm>@seed-<s>``: that seed's row of ``sequence_summary.csv``
+      (``sequence_medical/replay@seed-1/vs_naive_bwt``)."""
 
     root: Path
     agg: dict[str, dict[str, Any]]
     points: list[dict[str, Any]] = field(default_factory=list)
+    seeds: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def load_sequence_tables(root: Path) -> SequenceTables:
     import csv
 
-    from forgetkit.results.sequence import AGG_CSV
+    from forgetkit.results.sequence import AGG_CSV, GENERAL_CSV, SUMMARY_CSV
 
-    with (root / AGG_CSV).open() as fh:
-        return SequenceTables(root, {r["arm"]: r for r in csv.DictReader(fh)})
+    def rows(name: str) -> list[dict[str, str]]:
+        if not (root / name).exists():
+            return []
+        with (root / name).open() as fh:
+            return list(csv.DictReader(fh))
+
+    agg = {r["arm"]: r for r in rows(AGG_CSV)}
+    for r in rows(GENERAL_CSV):
+        k = int(r["stage_index"])
+        if r["arm"] in agg and k >= 0:
+            for col, suffix in (("delta", ""), ("delta_lo", "_lo"), ("delta_hi", "_hi")):
+                agg[r["arm"]][f"general_{r['metric']}_s{k}{suffix}"] = r[col]
+    seeds = {f"{r['arm']}@seed-{r['seed']}": r for r in rows(SUMMARY_CSV)}
+    return SequenceTables(root, agg, seeds=seeds)
 
 
 def _decimals(num: str) -> int:
@@ -137,6 +155,10 @@ def _cell(results: dict[str, Results], key: str) -> tuple[float | None, str | No
             known = sorted(f"{r.get('arm')}#{r.get('point')}" for r in res.points)
             return None, f"{key}: unknown point {arm!r} (points: {known})"
         row, where = rows[0], f"{exp}/points_agg.csv"
+    elif isinstance(res, SequenceTables) and "@seed-" in arm:
+        if arm not in res.seeds:
+            return None, f"{key}: unknown arm and seed {arm!r} (known: {sorted(res.seeds)})"
+        row, where = res.seeds[arm], f"{exp}/sequence_summary.csv"
     elif arm not in res.agg:
         return None, f"{key}: unknown arm {arm!r} (arms: {list(res.agg)})"
     else:
@@ -201,8 +223,14 @@ def check_text(text: str, results: dict[str, Results], paper_dir: Path | None = 
 
 
 def _generated_tables(results: dict[str, Results]) -> dict[str, str]:
-    return {f"{exp}/{t.name}": to_markdown(t) for exp, res in results.items()
-            if not isinstance(res, SequenceTables) for t in tables(res)}
+    from forgetkit.report.sequence import load_sequence, sequence_tables
+
+    out = {}
+    for exp, res in results.items():
+        ts = (sequence_tables(load_sequence(res.root)) if isinstance(res, SequenceTables)
+              else tables(res))
+        out.update({f"{exp}/{t.name}": to_markdown(t) for t in ts})
+    return out
 
 
 def update_tables(text: str, results: dict[str, Results]) -> str:
@@ -318,12 +346,9 @@ def generate(results: dict[str, Results], paper_dir: Path, figures: bool = True)
 
 def _sequence_outputs(exp: str, res: SequenceTables, paper_dir: Path, figures: bool
                       ) -> list[str]:
-    """A sequence experiment's tables and figures (forgetkit.report.sequence), when that module
-    is installed; its numbers are checked through the markers either way."""
-    try:
-        from forgetkit.report import sequence as report_sequence
-    except ImportError:
-        return [f"{exp}: sequence figures and tables: forgetkit.report.sequence not available"]
+    """A sequence experiment's tables and figures (forgetkit.report.sequence)."""
+    from forgetkit.report import sequence as report_sequence
+
     out = paper_dir / "figures" / exp if figures else None
     return report_sequence.paper_outputs(res.root, paper_dir / "tables" / exp, out)
 

@@ -213,3 +213,39 @@ def test_every_marker_of_a_line_is_checked(results: dict, tmp_path: Path) -> Non
     wrong = last.replace(f"-->{num}", "-->" + ("9" if not num.startswith("9") else "8") + num[1:], 1)
     problems = check_text(" and ".join([*lines[:2], wrong]), results)
     assert len(problems) == 1 and "paper.md:1:" in str(problems[0]), problems
+
+
+def test_sequence_markers_seed_rows_general_cells_and_table_blocks(tmp_path: Path) -> None:
+    """A sequence experiment's markers: arm cells of sequence_agg.csv, per-seed rows of
+    sequence_summary.csv (``<arm>@seed-<s>``), general-suite deltas of sequence_general.csv
+    (``general_<metric>_s<k>``), each read back independently from the CSVs; its tables embed
+    as fk-table blocks and a wrong number or unknown seed is reported."""
+    import csv
+
+    from forgetkit.report import fmt
+
+    root = tmp_path / "results"
+    shutil.copytree(ROOT / "results" / "sequence_medical", root / "sequence_medical")
+    res = load_all(root, ["sequence_medical"])
+    with (root / "sequence_medical" / "sequence_summary.csv").open() as fh:
+        seed_row = next(r for r in csv.DictReader(fh) if r["arm"] != "naive")
+    with (root / "sequence_medical" / "sequence_general.csv").open() as fh:
+        g = next(r for r in csv.DictReader(fh) if int(r["stage_index"]) == 1)
+    arm_seed = f"{seed_row['arm']}@seed-{seed_row['seed']}"
+    text = (f"BWT <!-- fk: sequence_medical/{arm_seed}/vs_naive_bwt -->"
+            f"{fmt(float(seed_row['vs_naive_bwt']), 3)}; Δ <!-- fk: sequence_medical/"
+            f"{g['arm']}/general_{g['metric']}_s1 -->{fmt(float(g['delta']), 3)} "
+            f"[<!-- fk: sequence_medical/{g['arm']}/general_{g['metric']}_s1_hi -->"
+            f"{fmt(float(g['delta_hi']), 3)}]\n\n<!-- fk-table: sequence_medical/sequence_vs -->\n"
+            "<!-- /fk-table -->\n")
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    filled = update_tables(text, res)
+    assert "| Arm |" in filled  # the block was filled from the generated table
+    assert check_text(filled, res) == []
+    bad = filled.replace(f"{arm_seed}/vs_naive_bwt -->", f"{arm_seed}/vs_naive_bwt -->9", 1)
+    assert len(check_text(bad, res)) == 1
+    unknown = check_text("<!-- fk: sequence_medical/naive@seed-9/bwt -->0.1", res)
+    assert len(unknown) == 1 and "unknown arm and seed" in str(unknown[0])
+    edited = filled.replace("| Arm |", "| Arms |", 1)
+    assert any("differs" in str(m) for m in check_text(edited, res))
