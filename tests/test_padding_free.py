@@ -33,6 +33,7 @@ from forgetkit.config import ConfigError, ModelConfig
 from forgetkit.data.batching import collate, collate_flat, plan_batches
 from forgetkit.data.templates import IGNORE_INDEX, Example
 from forgetkit.models import load_model
+from forgetkit.train import segment_attention
 from forgetkit.train.loop import (
     PaddingFree,
     model_inputs,
@@ -46,12 +47,25 @@ LEAK_MIN = 100 * CE_ATOL  # a boundary leak must show at least this (checked, no
 UPDATE_RTOL = 1e-3  # as ACCUM_UPDATE_RTOL in tests/test_loop.py
 LOSS_RTOL = 1e-5  # as ACCUM_LOSS_RTOL in tests/test_loop.py
 IMPLS = ("sdpa", "eager")
+# (implementation, how): every way a padding-free forward keeps the boundaries; ``segments``
+# (one SDPA per example, forgetkit.train.segment_attention) exists for sdpa models only
+HOWS = [(i, h) for i in IMPLS for h in ("segments", "position_ids", "mask")
+        if h != "segments" or i == "sdpa"]
 
 
 def tiny_model(impl: str) -> torch.nn.Module:
     model, _ = load_model(ModelConfig(random_init=copy.deepcopy(TINY_LLAMA), tokenizer="byte",
                                       attn_implementation=impl))
     return model.eval()
+
+
+def model_for(impl: str, how: str) -> tuple[torch.nn.Module, PaddingFree]:
+    """The tiny model and its padding-free form; ``segments`` switches the model's attention
+    implementation as padding_free_setup does."""
+    model = tiny_model(impl)
+    if how == "segments":
+        model.config._attn_implementation = segment_attention.register()
+    return model, PaddingFree(how, impl)
 
 
 def examples(seed: int = 0, n: int = 6) -> list[Example]:
@@ -87,12 +101,11 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("how", ["position_ids", "mask"])
+@pytest.mark.parametrize(("impl", "how"), HOWS)
 def test_per_token_losses_match_padded(impl, how):
-    model, exs = tiny_model(impl), examples()
-    ref = padded_ce(model, exs)
-    got = flat_ce(model, exs, PaddingFree(how, impl))
+    (model, pf), exs = model_for(impl, how), examples()
+    ref = padded_ce(model, exs)  # padded batches: plain sdpa/eager whatever ``how`` is
+    got = flat_ce(model, exs, pf)
     d = max_diff(got, ref)
     print(f"\n{impl}/{how}: max |CE_flat - CE_padded| = {d:.2e}")
     assert d <= CE_ATOL, f"{impl}/{how}: per-token losses differ by {d:.3e} > {CE_ATOL:g}"
@@ -104,11 +117,10 @@ def test_per_token_losses_match_padded(impl, how):
     assert leak >= LEAK_MIN, f"a leaking row differs by only {leak:.3e}: the test is vacuous"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("how", ["position_ids", "mask"])
+@pytest.mark.parametrize(("impl", "how"), HOWS)
 def test_no_attention_across_boundaries(impl, how):
     """Changing example 1's tokens leaves example 2's logits in the same row unchanged."""
-    model, pf = tiny_model(impl), PaddingFree(how, impl)
+    model, pf = model_for(impl, how)
     a, b, c = examples(seed=1, n=3)
     a2 = Example([(t + 7) % 256 for t in a.input_ids], a.labels)
 
@@ -191,16 +203,62 @@ def test_training_matches_padded(tiny_cfg, tmp_path, impl):
           f"({where}); {diff_report(wf, wp)}")
     assert not [k for k in wp if torch.equal(wp[k], init[k])]  # every tensor moved
     assert rel <= UPDATE_RTOL, f"{where}: relative update difference {rel:.3e}"
+    # the run's attention switch (sdpa -> segments) is not written into the saved model
+    assert segment_attention.SEGMENT_ATTN not in (flat.model_dir / "config.json").read_text()
 
 
-def test_setup_picks_transformers_detection():
-    for impl in IMPLS:
+def test_setup_picks_segments_for_sdpa_and_transformers_detection_for_eager():
+    for impl, want, attn in (("sdpa", "segments", segment_attention.SEGMENT_ATTN),
+                             ("eager", "position_ids", "eager")):
         model = tiny_model(impl)
         backend = SimpleNamespace(model=model, unwrap=lambda m=model: m,
                                   device=torch.device("cpu"),
                                   forward=lambda m=model, **kw: m(**kw), autocast=torch.no_grad)
         pf = padding_free_setup(backend)
-        assert (pf.how, pf.attn_implementation) == ("position_ids", impl)
+        assert (pf.how, pf.attn_implementation) == (want, impl)
+        assert model.config._attn_implementation == attn
+
+
+def test_segments_do_the_attention_flops_of_the_examples_alone(monkeypatch):
+    """The block-diagonal mask computes attention scores over the whole row (N^2 per head and
+    layer); segments over the examples (sum of n_i^2): the query x key sizes of every SDPA call
+    counted. Padded batches through the segment implementation are plain sdpa, bit for bit."""
+    exs = examples(seed=4, n=4)
+    batch = collate_flat(exs)
+    lens = [len(e.input_ids) for e in exs]
+    sdpa, scores = torch.nn.functional.scaled_dot_product_attention, []
+
+    def counting(q, k, v, *a, **kw):
+        scores.append(q.shape[:-2].numel() * q.shape[-2] * k.shape[-2])
+        return sdpa(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+
+    def attn_scores(how: str) -> int:
+        model, pf = model_for("sdpa", how)
+        scores.clear()
+        with torch.no_grad():
+            model(**model_inputs(batch, pf))
+        return sum(scores)
+
+    full, seg = attn_scores("position_ids"), attn_scores("segments")
+    assert full > 0 and seg > 0
+    assert seg / full == pytest.approx(sum(n * n for n in lens) / sum(lens) ** 2, rel=1e-12)
+    plain, seg_model = tiny_model("sdpa"), model_for("sdpa", "segments")[0]
+    padded = collate(exs, pad_id=257, pad_to_multiple_of=8)
+    with torch.no_grad():
+        a = plain(**model_inputs(padded, None)).logits
+        b = seg_model(**model_inputs(padded, None)).logits
+    assert torch.equal(a, b)
+
+
+def test_segments_refuse_boundaries_that_do_not_describe_the_row():
+    model, pf = model_for("sdpa", "segments")
+    batch = collate_flat(examples(seed=5, n=3))
+    kw = model_inputs(batch, pf)
+    kw["fk_segments"] = kw["fk_segments"][:-1]  # the last example left out
+    with pytest.raises(ValueError, match="fk_segments"):
+        model(**kw)
 
 
 def test_setup_refuses_a_model_that_crosses_boundaries():
@@ -214,3 +272,4 @@ def test_setup_refuses_a_model_that_crosses_boundaries():
                               forward=forward, autocast=torch.no_grad)
     with pytest.raises(ConfigError, match="padding_free.*does not keep the example boundaries"):
         padding_free_setup(backend)
+    assert model.config._attn_implementation == "sdpa"  # the failed segments probe undone

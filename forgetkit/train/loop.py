@@ -75,6 +75,7 @@ from forgetkit.models import (
 )
 from forgetkit.regularizers.base import RegContext, Regularizer, optimizer_lr_lookup
 from forgetkit.regularizers.build import build_regularizers
+from forgetkit.train import segment_attention
 from forgetkit.train.distributed import Backend, DeepSpeedBackend, make_backend
 from forgetkit.train.freeze import apply_freeze, check_freeze, freeze_active
 from forgetkit.train.lora import apply_lora, check_lora_config
@@ -289,7 +290,9 @@ def block_causal_mask(position_ids: torch.Tensor, attn_implementation: str) -> t
 class PaddingFree:
     """How a padding-free forward keeps attention inside each example of the row.
 
-    ``how``: ``position_ids`` (transformers detects the resets and builds the block-diagonal
+    ``how``: ``segments`` (sdpa models: attention runs once per example of the row, no mask,
+    :mod:`forgetkit.train.segment_attention`; the boundaries go in as ``fk_segments``);
+    ``position_ids`` (transformers detects the resets and builds the block-diagonal
     causal mask itself: sdpa, eager, flex); ``varlen`` (flash attention: the example boundaries
     go in as ``cu_seq_lens_q/k`` and ``max_length_q/k``, flash_attn_varlen_func; no mask);
     ``mask`` (an explicit 4D :func:`block_causal_mask`, for a model that ignores the resets).
@@ -304,7 +307,9 @@ class PaddingFree:
         """The model's keyword arguments for a batch of :func:`collate_flat`."""
         kw: dict[str, Any] = {"input_ids": batch["input_ids"],
                               "position_ids": batch["position_ids"], "use_cache": False}
-        if self.how == "varlen":
+        if self.how == "segments":
+            kw["fk_segments"] = tuple(int(x) for x in batch["cu_seq_lens"].tolist())
+        elif self.how == "varlen":
             cu, m = batch["cu_seq_lens"], int(batch["max_length"])
             kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
         elif self.how == "mask":
@@ -402,8 +407,12 @@ def padding_free_setup(backend: Backend) -> PaddingFree:
     """Pick how the padding-free forward keeps example boundaries for this model, and prove it.
 
     Candidates by attention implementation (``model.config._attn_implementation``): flash
-    kernels take ``varlen`` then ``position_ids``; sdpa/eager take ``position_ids`` (transformers'
-    packed-sequence detection) then an explicit ``mask``; anything else ``position_ids``. Each is
+    kernels take ``varlen`` then ``position_ids``; sdpa takes ``segments`` (one SDPA per example:
+    the model's implementation is switched to :data:`~forgetkit.train.segment_attention.
+    SEGMENT_ATTN`, which is sdpa itself for padded batches; switched back if its probe fails),
+    then ``position_ids`` (transformers' packed-sequence detection: a block-diagonal mask over the
+    whole row, whose attention FLOPs grow with the row's length) and an explicit ``mask``; eager
+    takes ``position_ids`` then ``mask``; anything else ``position_ids``. Each is
     probed in eval mode without gradients (all ranks run it: sharded models need every rank):
     two rows ``[A, B]`` and ``[A', B]`` must give example B the same logits (within 4 float
     eps of the model's dtype times the logit scale: masked keys contribute exact zeros, so a
@@ -420,6 +429,8 @@ def padding_free_setup(backend: Backend) -> PaddingFree:
     vocab = int(getattr(config, "vocab_size", 2) or 2)
     if "flash" in impl:
         candidates = ["varlen", "position_ids"]
+    elif impl == "sdpa":
+        candidates = ["segments", "position_ids", "mask"]
     elif impl in _MASK_IMPLS:
         candidates = ["position_ids", "mask"]
     else:
@@ -432,18 +443,23 @@ def padding_free_setup(backend: Backend) -> PaddingFree:
     try:
         for how in candidates:
             pf = PaddingFree(how, impl)
+            if how == "segments":
+                config._attn_implementation = segment_attention.register()
             try:
                 with backend.autocast():
                     cross, alone, scale = _boundary_probe(backend.forward, pf, vocab,
                                                           backend.device)
             except (TypeError, ValueError, RuntimeError) as e:
                 tried.append(f"{how}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-                continue
-            if cross <= 4 * eps * scale and alone <= math.sqrt(eps) * scale:
+                cross = alone = scale = None
+            if cross is not None and cross <= 4 * eps * scale and alone <= math.sqrt(eps) * scale:
                 log.info("padding-free batches: attention %s, boundaries kept by %s", impl, how)
                 return pf
-            tried.append(f"{how}: logits change by {cross:.2e} across the boundary, "
-                         f"{alone:.2e} against the example alone")
+            if cross is not None:
+                tried.append(f"{how}: logits change by {cross:.2e} across the boundary, "
+                             f"{alone:.2e} against the example alone")
+            if how == "segments":
+                config._attn_implementation = impl
     finally:
         if was_training:
             backend.model.train()
