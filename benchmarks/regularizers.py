@@ -378,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             "fisher_s_per_example": fisher,
             "fisher_ratio": {k: v / per_ex_train for k, v in fisher.items()},
             "eval_examples_per_s": ev, "eval_best_batch": best_bs, "peak_gflops": peak,
-            "mfu": mfu}, indent=1))
+            "mfu": mfu, "matmul_gflops": {"fp32": f32, "bf16": b16},
+            "mixed_precision_auto": chosen}, indent=1))
     return 0
 
 

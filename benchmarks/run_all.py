@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,10 +24,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run(script: str, args: list[str], out: Path) -> dict | list | None:
+def run(script: str, args: list[str], out: Path, threads: int | None = None
+        ) -> dict | list | None:
     cmd = [sys.executable, str(HERE / script), *args, "--json", str(out)]
+    env = dict(os.environ)
+    if threads:  # the same thread count for torch and OpenMP in every script
+        cmd += ["--threads", str(threads)]
+        env["OMP_NUM_THREADS"] = str(threads)
     print(f"\n=== {' '.join(cmd[1:])}", flush=True)
-    rc = subprocess.run(cmd, cwd=str(HERE.parent)).returncode
+    rc = subprocess.run(cmd, cwd=str(HERE.parent), env=env).returncode
     if rc != 0 or not out.exists():
         print(f"!!! {script} failed (exit {rc})")
         return None
@@ -36,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip", default="", help="comma list of throughput,regularizers,memory,eval_speed")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and OpenMP threads for every script (default: each script's own; "
+                        "1 on a machine shared with other jobs, see benchmarks/README.md)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="also keep every script's JSON in this directory")
     a = p.parse_args(argv)
     q = ["--quick"] if a.quick else []
     skip = set(a.skip.split(","))
@@ -48,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                     [("mid medmcqa", []), ("mid longtail", ["--dist", "longtail"]),
                      ("smol135m medmcqa", ["--model", "smol135m", "--repeats", "2"])])
         for k, (name, extra) in enumerate(settings if "throughput" not in skip else []):
-            r = run("throughput.py", extra, t / f"tp{k}.json")
+            r = run("throughput.py", extra, t / f"tp{k}.json", a.threads)
             if isinstance(r, dict) and "ratio" in r.get("summary", {}):
                 sm = r["summary"]
                 lines.append(f"throughput [{name}] forgetkit / best HF: {sm['ratio']:.2f}x "
@@ -61,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{100 * row['pad_window']:.1f} % (window) "
                                  f"{100 * row['pad_epoch']:.1f} % (epoch)")
         if "regularizers" not in skip:
-            r = run("regularizers.py", q, t / "reg.json")
+            r = run("regularizers.py", q, t / "reg.json", a.threads)
             if isinstance(r, dict):
                 for k, v in r["step_ratio_direct"].items():
                     lines.append(f"step time {k} / plain: {v:.4f} direct, "
@@ -75,21 +87,31 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"eval: {max(r['eval_examples_per_s'].values()):.1f} examples/s "
                              f"at batch {r['eval_best_batch']}")
                 lines.append(f"MFU (fp32, 6N tokens/s over matmul peak): {100 * r['mfu']:.1f} %")
+                if "matmul_gflops" in r:
+                    mm = r["matmul_gflops"]
+                    lines.append(f"CPU matmul fp32 {mm['fp32']:.0f} GFLOP/s, bf16 {mm['bf16']:.0f} "
+                                 f"GFLOP/s ({mm['bf16'] / mm['fp32']:.2f}x): mixed_precision auto "
+                                 f"-> {r['mixed_precision_auto']}")
         if "memory" not in skip:
-            r = run("memory.py", q, t / "mem.json")
+            r = run("memory.py", q or ["--smol"], t / "mem.json", a.threads)
             if isinstance(r, list):
                 for x in r:
                     lines.append(f"memory {x['size']} ewc={x['ewc']!s:<5} ckpt={x['ckpt']!s:<5} "
                                  f"pad={x.get('padded', False)!s:<5} "
                                  f"measured/estimated {x['ratio']:.2f} (target 0.85-1.15)")
         if "eval_speed" not in skip:
-            r = run("eval_speed.py", ["--tiny"] if a.quick else ["--limit", "30"], t / "evs.json")
+            r = run("eval_speed.py", ["--tiny"] if a.quick else ["--limit", "30"], t / "evs.json",
+                    a.threads)
             if isinstance(r, dict):
                 sm = r["summary"]
                 for k, v in sm["ratios"].items():
                     lines.append(f"eval speed {k}: {v:.2f}x")
                 lines.append("eval acc/acc_norm identical (CLI, HFLM, SharedContextHFLM): "
                              f"{sm['acc_identical']}")
+        if a.out is not None:
+            a.out.mkdir(parents=True, exist_ok=True)
+            for f in t.glob("*.json"):
+                shutil.copy(f, a.out / f.name)
     print("\n=== summary")
     for ln in lines:
         print(ln)
