@@ -273,3 +273,21 @@ def test_setup_refuses_a_model_that_crosses_boundaries():
     with pytest.raises(ConfigError, match="padding_free.*does not keep the example boundaries"):
         padding_free_setup(backend)
     assert model.config._attn_implementation == "sdpa"  # the failed segments probe undone
+
+
+def test_segments_are_not_used_for_sliding_window_layers():
+    """sdpa keeps a sliding window through its mask, which segments do not build: a model with
+    one (Mistral) falls back to transformers' block-diagonal mask, and its losses still match."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=258, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        sliding_window=8, attn_implementation="sdpa")
+    model = MistralForCausalLM(cfg).eval()
+    backend = SimpleNamespace(model=model, unwrap=lambda: model, device=torch.device("cpu"),
+                              forward=lambda **kw: model(**kw), autocast=torch.no_grad)
+    pf = padding_free_setup(backend)
+    assert pf.how == "position_ids" and model.config._attn_implementation == "sdpa"
+    exs = examples(seed=6, n=3)  # up to 47 tokens: the window of 8 matters
+    assert max_diff(flat_ce(model, exs, pf), padded_ce(model, exs)) <= CE_ATOL

@@ -429,7 +429,7 @@ def padding_free_setup(backend: Backend) -> PaddingFree:
     vocab = int(getattr(config, "vocab_size", 2) or 2)
     if "flash" in impl:
         candidates = ["varlen", "position_ids"]
-    elif impl == "sdpa":
+    elif impl == "sdpa" and not getattr(config, "attention_chunk_size", None):
         candidates = ["segments", "position_ids", "mask"]
     elif impl in _MASK_IMPLS:
         candidates = ["position_ids", "mask"]

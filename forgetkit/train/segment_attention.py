@@ -16,7 +16,9 @@ transformers passes down to every attention call), runs transformers' own
 concatenates the outputs: the same attention as the block-diagonal mask (each example attends to
 its own earlier positions only), at the FLOPs of the examples alone. Without ``fk_segments``
 (padded batches: evaluation, validation, anything else) it is exactly transformers' sdpa with
-sdpa's mask (the mask function registered for the name is ``sdpa_mask``).
+sdpa's mask (the mask function registered for the name is ``sdpa_mask``). Layers with a
+sliding window (sdpa enforces it through the mask) raise ``ValueError`` with segments, so the
+training loop's probe falls back to the block-diagonal mask for such models.
 
 The training loop switches a model whose implementation is ``sdpa`` to it for padding-free runs
 only after a probe proves the boundaries are kept (``forgetkit.train.loop.padding_free_setup``).
@@ -44,6 +46,9 @@ def segment_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     if fk_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("sliding_window") is not None:  # sdpa enforces windows through its mask
+        raise ValueError("fk_segments: this layer has a sliding window; segments keep only the "
+                         "causal mask")
     if query.shape[0] != 1 or fk_segments[-1] != query.shape[2] or fk_segments[0] != 0:
         raise ValueError(f"fk_segments {fk_segments[:3]}...{fk_segments[-1]} do not describe "
                          f"one flat row of {query.shape[2]} positions (batch {query.shape[0]})")
