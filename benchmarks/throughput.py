@@ -61,6 +61,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -256,17 +257,23 @@ def seq_flops(dims: dict[str, int], T: int) -> float:
     return 6.0 * dims["matmul_params"] * T + 12.0 * dims["layers"] * dims["attn_dim"] * T * T
 
 
-def account(dims: dict[str, int], micro: list[tuple[int, list[int]]], flat: bool
-            ) -> dict[str, float]:
+def account(dims: dict[str, int], micro: list[tuple[int, list[int]]], flat: bool,
+            per_example_attention: bool = False) -> dict[str, float]:
     """Executed and real tokens/FLOPs of micro-batches given as (row length T, [real lengths]).
 
     Padded: B rows of T. Flat: one row of T = sum(lens) tokens, no padding; its executed
-    attention is the whole row's (sdpa with a block mask computes every score, then masks)."""
+    attention is the whole row's (sdpa with a block mask computes every score, then masks:
+    HF's flattening, forgetkit's ``position_ids``/``mask`` forms) or, with
+    ``per_example_attention`` (forgetkit's ``segments``: one SDPA per example), the examples'."""
     ex_f = use_f = ex_t = use_t = 0.0
     for T, lens in micro:
         use_t += sum(lens)
         use_f += sum(seq_flops(dims, n) for n in lens)
-        if flat:
+        if flat and per_example_attention:
+            ex_t += T
+            ex_f += seq_flops(dims, T) - seq_flops(dims, 0) - (
+                12.0 * dims["layers"] * dims["attn_dim"] * (T * T - sum(n * n for n in lens)))
+        elif flat:
             ex_t += T
             ex_f += seq_flops(dims, T)
         else:
@@ -302,6 +309,19 @@ def matmul_peak(seconds: float) -> float:
 
 # ----------------------------------------------------------------------------- workers
 
+class _PaddingFreeForm(logging.Handler):
+    """Catches the training loop's "boundaries kept by <form>" log line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.form: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = re.search(r"boundaries kept by (\w+)", record.getMessage())
+        if m:
+            self.form = m.group(1)
+
+
 def run_forgetkit(args: argparse.Namespace, work: Path, method: str, seed: int
                   ) -> dict[str, Any]:
     from forgetkit.models import load_model
@@ -310,7 +330,16 @@ def run_forgetkit(args: argparse.Namespace, work: Path, method: str, seed: int
     batching = "padding_free" if method.startswith("fk-flat") else "length_grouped"
     logits = "all" if method.endswith("-all") else "targets"
     cfg = forgetkit_config(args, work, batching, seed, logits)
-    res = train(cfg, progress=False)
+    how = _PaddingFreeForm()  # how the loop kept the example boundaries (its log line)
+    fk_log = logging.getLogger("forgetkit")
+    level = fk_log.level
+    fk_log.addHandler(how)
+    fk_log.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        res = train(cfg, progress=False)
+    finally:
+        fk_log.removeHandler(how)
+        fk_log.setLevel(level)
     log = [json.loads(ln) for ln in (res.out_dir / "train_log.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in log if "elapsed_s" in r}
     w, s = args.warmup, args.warmup + args.steps
@@ -342,7 +371,8 @@ def run_forgetkit(args: argparse.Namespace, work: Path, method: str, seed: int
     assert chk == targets, (chk, targets)
     epoch = [mb for k in range(plan.steps_per_epoch) for mb in shapes(k)[0]]
     dims = model_dims(model)
-    acct = account(dims, window, flat)
+    acct = account(dims, window, flat, per_example_attention=how.form == "segments")
+    acct["attention"] = how.form or ("padded" if not flat else "unknown")
     if logits == "targets":  # the LM head ran on the window's target positions only
         acct["exec_flops"] -= 6.0 * dims["head_params"] * (acct["exec_tokens"] - targets)
     return {"elapsed_s": elapsed, "target_tokens": targets, "step_times": step_times,
@@ -457,6 +487,7 @@ def check_same_objective(args: argparse.Namespace, work: Path, exs: list[Any], t
 
     from forgetkit.data.batching import collate, collate_flat
     from forgetkit.models import load_model
+    from forgetkit.train import segment_attention
     from forgetkit.train.loop import (
         PaddingFree,
         model_inputs,
@@ -476,12 +507,15 @@ def check_same_objective(args: argparse.Namespace, work: Path, exs: list[Any], t
         o = model(input_ids=fk["input_ids"], attention_mask=fk["attention_mask"])
         out["fk-grouped-all"] = float(token_losses(o, fk["labels"]).sum()) / n_t
         fl = collate_flat(batch)
-        o = model(**PaddingFree("position_ids", "sdpa").inputs(fl))
+        # the form the loop picks for sdpa (padding_free_setup): one SDPA per example
+        model.config._attn_implementation = segment_attention.register()
+        pf = PaddingFree("segments", "sdpa")
+        o = model(**pf.inputs(fl))
         out["fk-flat-all"] = float(token_losses(o, fl["labels"]).sum()) / n_t
-        pf = PaddingFree("position_ids", "sdpa")
         keep = target_mask(fl, True)  # training.logits: targets (the default)
         o = model(**model_inputs(fl, pf, keep))
         out["fk-flat"] = float(target_losses(o, fl["labels"], keep).sum()) / n_t
+        model.config._attn_implementation = "sdpa"
         keep = target_mask(fk, True)
         o = model(**model_inputs(fk, None, keep))
         out["fk-grouped"] = float(target_losses(o, fk["labels"], keep).sum()) / n_t
@@ -653,7 +687,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], p
             "pad_window": r["pad_window"], "pad_epoch": r["pad_epoch"],
             "real_tps": r["useful_tokens"] / r["elapsed_s"], "exec_tps": exec_tps,
             "adj_tps": exec_tps * (1 - r["pad_epoch"]) * target_share,
-            "mfu_exec": r["exec_flops"] / r["elapsed_s"] / (peak * 1e9)}
+            "mfu_exec": r["exec_flops"] / r["elapsed_s"] / (peak * 1e9),
+            "attention": r.get("attention")}
     print()
     print(f"fp32 matmul peak (best large torch.matmul, {args.threads} threads): {peak:.1f} GFLOP/s")
     hdr = (f"{'method':<42} {'target tok/s (min-max)':>24} {'step ms':>8} {'pad % win':>9} "
@@ -693,9 +728,13 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], p
               f"(--steps {HF_MEGA_BATCHES - args.warmup} covers one mega-batch).")
     print("pad %: padding tokens / tokens computed, in the timed window and over one epoch's "
           "plan (HF's from transformers' get_length_grouped_indices). MFU exec: 6*N*T + "
-          "12*L*d*T^2 per row computed (padding and masked attention included; with logits at "
-          "the target positions only, the LM head's 6*V*d on the other positions left out) / "
-          "matmul peak.")
+          "12*L*d*T^2 per row computed (padding and the masked scores of a block-diagonal mask "
+          "included; forgetkit's padding-free 'segments' attention: 12*L*d*n^2 per example; "
+          "with logits at the target positions only, the LM head's 6*V*d on the other "
+          "positions left out) / matmul peak.")
+    forms = {m: r.get("attention") for m, r in summary["rows"].items() if r.get("attention")}
+    if forms:
+        print("forgetkit attention: " + ", ".join(f"{m} {f}" for m, f in forms.items()))
     return summary
 
 
