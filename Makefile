@@ -44,8 +44,12 @@ demo: $(STAMP)
 smoke: $(STAMP)
 	$(PY) -m forgetkit.train experiments/smoke.yaml
 
+# Two pytest workers (pytest-xdist), each test file on one worker (module fixtures built once):
+# most tests wait on subprocesses (imports, 2-process gloo runs), so two overlap on 2 cores.
+# TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

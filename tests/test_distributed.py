@@ -203,3 +203,31 @@ def test_resume_matches_uninterrupted(strategy: str, tmp_path: Path,
     assert [{k: r[k] for k in keys} for r in step_logs(out)] == \
         [{k: r[k] for k in keys} for r in step_logs(full)]
 
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_padding_free_two_processes_match_the_padded_one(strategy: str, reference: Path,
+                                                         tmp_path: Path) -> None:
+    """``data.batching: padding_free`` under DDP and FSDP2: each rank's micro-batches become one
+    flat row with per-example attention (sdpa: the per-example ``segments`` form, chosen by a
+    probe every rank runs), and training ends at the padded 1-process reference's weights,
+    per-step losses and gradient norms (the same plan; only the collation differs)."""
+    out = tmp_path / "pf"
+    cfg = write_config(tmp_path / "pf.yaml", out, ACCUM_2PROC, **STRATEGIES[strategy])
+    text = run_worker(cfg, NPROC, "data.batching=padding_free")
+    assert "boundaries kept by segments" in text, text[-3000:]
+    reps = reports(out)
+    assert [r["rank"] for r in reps] == list(range(NPROC)), reps
+    for rep in reps:
+        assert rep["world_size"] == NPROC and rep["steps"] == MAX_STEPS, rep
+        check_wrapper(strategy, rep)
+    ref, got = weights(reference), weights(out)
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=ATOL, rtol=RTOL)
+    ref_log, got_log = step_logs(reference), step_logs(out)
+    assert [r["step"] for r in got_log] == list(range(1, MAX_STEPS + 1))
+    for a, b in zip(got_log, ref_log, strict=True):
+        assert (a["tokens"], a["target_tokens"]) == (b["tokens"], b["target_tokens"]), (a, b)
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOG_RTOL), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOG_RTOL), (a, b)
