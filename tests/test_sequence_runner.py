@@ -678,7 +678,8 @@ def test_force_with_a_failed_later_stage_leaves_no_stale_chain(tmp_path, fakes, 
     assert [x["started_from"] for x in s[1:]] == [s[0]["instance"], s[1]["instance"]]
 
 
-def test_resume_from_checkpoints_of_another_predecessor_is_refused(tmp_path, fakes, capsys):
+def test_resume_from_checkpoints_of_another_predecessor_is_refused(tmp_path, fakes, capsys,
+                                                                   caplog):
     config = experiment(tmp_path)
     fakes.fail["naive seed 0 stage 1-beta"] = RuntimeError("boom")  # leaves checkpoints/
     assert cli(capsys, config)[0] == 1
@@ -687,8 +688,11 @@ def test_resume_from_checkpoints_of_another_predecessor_is_refused(tmp_path, fak
     assert json.loads(p.read_text())["instance"] == _summaries_0(root)["instance"]
     p.write_text(json.dumps({"instance": "an-older-stage-0"}))
     del fakes.fail["naive seed 0 stage 1-beta"]
-    rc, err = cli(capsys, config)
-    assert rc == 1 and "stage-1-beta: its checkpoints were trained from another res" in err, err
+    with caplog.at_level("ERROR", logger="forgetkit"):  # the full message (stderr shortens it)
+        rc, err = cli(capsys, config)
+    assert rc == 1, err
+    assert "stage-1-beta: its checkpoints were trained from another result" in caplog.text, \
+        caplog.text
     assert fakes.trained.count("naive seed 0 stage 1-beta") == 1  # refused before training
 
 
