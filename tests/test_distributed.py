@@ -92,6 +92,32 @@ def check_wrapper(strategy: str, rep: dict[str, Any]) -> None:
         assert rep["zero_stage"] == want["zero_stage"], rep
 
 
+def assert_matches_reference(strategy: str, out: Path, reference: Path) -> float:
+    """A fresh 2-process run of ``strategy`` (every rank reporting, the strategy really used)
+    ended at the 1-process reference's weights, per-step lr, token counts, losses and pre-clip
+    gradient norms; returns the largest weight difference."""
+    reps = reports(out)
+    assert [r["rank"] for r in reps] == list(range(NPROC)), reps
+    for rep in reps:
+        assert rep["world_size"] == NPROC and rep["steps"] == MAX_STEPS, rep
+        assert rep["resumed_from"] is None, rep
+        check_wrapper(strategy, rep)
+    ref, got = weights(reference), weights(out)
+    assert sorted(got) == sorted(ref)  # tied lm_head saved once, like the reference
+    diff = max_abs_diff(got, ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: (
+            f"{strategy}: {k} differs from the 1-process run (max diff {diff:.3e}): {m}"))
+    ref_log, got_log = step_logs(reference), step_logs(out)
+    assert [r["step"] for r in got_log] == [r["step"] for r in ref_log]
+    keys = ("lr", "tokens", "target_tokens")
+    for a, b in zip(got_log, ref_log, strict=True):
+        assert [a[k] for k in keys] == [b[k] for k in keys], (a, b)
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOG_RTOL), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOG_RTOL), (a, b)
+    return diff
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
@@ -146,30 +172,11 @@ def test_two_processes_match_one(strategy: str, reference: Path,
                                  two_proc: Callable[[str], tuple[Path, Path]],
                                  record_property: Callable[[str, Any], None]) -> None:
     _, out = two_proc(strategy)
-    reps = reports(out)
-    assert [r["rank"] for r in reps] == list(range(NPROC)), reps
-    for rep in reps:
-        assert rep["world_size"] == NPROC and rep["steps"] == MAX_STEPS, rep
-        assert rep["resumed_from"] is None, rep
-        check_wrapper(strategy, rep)
-    for step in (2, MAX_STEPS):  # checkpoints written (training state of every rank)
-        assert (out / "checkpoints" / f"step-{step:08d}" / "COMPLETE").exists()
-
-    ref, got = weights(reference), weights(out)
-    assert sorted(got) == sorted(ref)  # tied lm_head saved once, like the reference
-    diff = max_abs_diff(got, ref)
+    diff = assert_matches_reference(strategy, out, reference)
     record_property("max_abs_diff", diff)
     print(f"\n{strategy}: max |w_2proc - w_1proc| = {diff:.3e}")
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: (
-            f"{strategy}: {k} differs from the 1-process run (max diff {diff:.3e}): {m}"))
-
-    ref_log, got_log = step_logs(reference), step_logs(out)
-    assert [r["step"] for r in got_log] == [r["step"] for r in ref_log]
-    for a, b in zip(got_log, ref_log, strict=True):
-        assert a["lr"] == b["lr"] and a["target_tokens"] == b["target_tokens"], (a, b)
-        assert a["loss"] == pytest.approx(b["loss"], rel=LOG_RTOL), (a, b)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOG_RTOL), (a, b)
+    for step in (2, MAX_STEPS):  # checkpoints written (training state of every rank)
+        assert (out / "checkpoints" / f"step-{step:08d}" / "COMPLETE").exists()
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
@@ -204,7 +211,6 @@ def test_resume_matches_uninterrupted(strategy: str, tmp_path: Path,
         [{k: r[k] for k in keys} for r in step_logs(full)]
 
 
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_padding_free_two_processes_match_the_padded_one(strategy: str, reference: Path,
                                                          tmp_path: Path) -> None:
@@ -216,18 +222,4 @@ def test_padding_free_two_processes_match_the_padded_one(strategy: str, referenc
     cfg = write_config(tmp_path / "pf.yaml", out, ACCUM_2PROC, **STRATEGIES[strategy])
     text = run_worker(cfg, NPROC, "data.batching=padding_free")
     assert "boundaries kept by segments" in text, text[-3000:]
-    reps = reports(out)
-    assert [r["rank"] for r in reps] == list(range(NPROC)), reps
-    for rep in reps:
-        assert rep["world_size"] == NPROC and rep["steps"] == MAX_STEPS, rep
-        check_wrapper(strategy, rep)
-    ref, got = weights(reference), weights(out)
-    assert sorted(got) == sorted(ref)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=ATOL, rtol=RTOL)
-    ref_log, got_log = step_logs(reference), step_logs(out)
-    assert [r["step"] for r in got_log] == list(range(1, MAX_STEPS + 1))
-    for a, b in zip(got_log, ref_log, strict=True):
-        assert (a["tokens"], a["target_tokens"]) == (b["tokens"], b["target_tokens"]), (a, b)
-        assert a["loss"] == pytest.approx(b["loss"], rel=LOG_RTOL), (a, b)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOG_RTOL), (a, b)
+    assert_matches_reference(strategy, out, reference)
