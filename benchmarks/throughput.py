@@ -42,14 +42,16 @@ interleaved (A B C D A B C D ...); repeat r uses data-order seed ``seed + r`` fo
 The window and HF's length grouping: transformers 5's ``LengthGroupedSampler`` sorts each
 mega-batch of 50 global batches by length, longest first, and does not shuffle the batches, so
 a window shorter than 50 steps sees only the long end of HF's first mega-batch, while forgetkit
-shuffles its batches (any window is a random sample of its epoch). ``--steps 48`` (with the
-default warm-up of 2) covers exactly one HF mega-batch; the defaults are shorter to fit a
-2-core CPU (16 steps for ``mid``, 6 for ``smol135m``, 14 for ``--quick``). So the table reports
+shuffles its batches (any window is a random sample of its epoch). The default window, 2 warm-up
++ 48 timed steps, covers exactly one HF mega-batch (a random 400-example draw of the epoch), so
+that both sides' windows sample the epoch without bias; ``--quick`` times 14 steps. A 16-step
+window on the long tail read 1.10x where the 48-step one read 1.26x (benchmarks/README.md).
+The table also reports
 each method's padding in the timed window *and* over the whole epoch's plan, and an
 epoch-adjusted rate (window processed tokens/s x the epoch's non-padding share x the data's
 target share): what the window's speed gives over a whole epoch. Both ratios are printed.
 
-Run ``.venv/bin/python benchmarks/throughput.py`` (default, ~12 minutes on 2 cores with 1
+Run ``.venv/bin/python benchmarks/throughput.py`` (default, ~20 minutes on 2 cores with 1
 thread) or ``--quick`` (< 3 minutes). Set ``OMP_NUM_THREADS`` and ``--threads`` together. See
 benchmarks/README.md for measured numbers.
 """
@@ -546,8 +548,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", choices=("auto", "smollm2", "byte"), default="auto",
                    help="auto: SmolLM2-135M's tokenizer when the offline asset is installed")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed optimizer steps (default mid 16, smol135m 6, quick 14; 48 = one "
-                   "whole HF length-grouping mega-batch after the 2 warm-up steps)")
+                   help="timed optimizer steps (default: one whole HF length-grouping mega-batch "
+                   "after the warm-up, 48 with --warmup 2; tiny 14)")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch size")
     p.add_argument("--grad-accum", type=int, default=2, help="gradient accumulation steps")
@@ -569,7 +571,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.model = a.model or ("tiny" if a.quick else "mid")
     if a.steps is None:
-        a.steps = {"smol135m": 6, "mid": 16}.get(a.model, 14)
+        a.steps = 14 if a.model == "tiny" else max(1, HF_MEGA_BATCHES - a.warmup)
     a.repeats = a.repeats or (1 if a.quick else 2)
     if a.warmup < 1:
         p.error("--warmup must be >= 1 (the timed window starts at the end of a step)")
