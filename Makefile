@@ -64,8 +64,11 @@ lint: $(STAMP)
 
 # Every benchmark in one run (throughput vs HF Trainer, regularizer/KL overheads, memory
 # estimator), each printing its ratios measured side by side; then a summary of the ratios.
+# BENCH_ARGS: run_all.py's flags, e.g. "--threads 1 --out DIR" (the recorded runs:
+# benchmarks/README.md); about 100 minutes on 2 cores.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

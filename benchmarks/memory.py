@@ -72,13 +72,15 @@ SIZES: dict[str, tuple[int, int, int, int, int, int, bool]] = {
     "60M": (768, 8, 12, 2048, 12, 259, False),
     "v49k": (256, 4, 4, 688, 4, 49152, False),
     "smol135m": (576, 30, 9, 1536, 3, 49152, True),
+    # Llama-3.2-1B's body with SmolLM2's vocabulary (1.07 B parameters): the GPU check's size
+    "llama1b": (2048, 16, 32, 8192, 8, 49152, True),
 }
 # the real-vocabulary rows: (size, padded) x ckpt, no EWC
 VOCAB_ROWS: tuple[str, ...] = ("v49k",)
 
 
 def config(size: str, ewc: bool, ckpt: bool, s: int, b: int, out: Path,
-           logits: str = "targets") -> Any:
+           logits: str = "targets", precision: str = "fp32") -> Any:
     from forgetkit.config import config_from_dict
 
     d, L, h, i, kv, V, tied = SIZES[size]
@@ -92,7 +94,8 @@ def config(size: str, ewc: bool, ckpt: bool, s: int, b: int, out: Path,
                   "gradient_checkpointing": ckpt},
         "data": {"train": {"path": "unused.jsonl"}, "max_length": s},
         "training": {"micro_batch_size": b, "lr": 1e-4, "max_grad_norm": 1.0,
-                     "logits": logits},
+                     "logits": logits,
+                     "mixed_precision": "bf16" if precision == "bf16" else "no"},
         "distributed": {"cpu": True},
         "output": {"dir": str(out)},
         "regularizers": ([{"type": "ewc", "lambda": 1.0, "fisher_data": {"path": "unused"}}]
@@ -196,7 +199,8 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(a.threads)
     cuda = torch.cuda.is_available()
-    cfg = config(a.size, a.ewc, a.ckpt, a.seq, a.batch, Path(a.workdir) / "run", a.logits)
+    cfg = config(a.size, a.ewc, a.ckpt, a.seq, a.batch, Path(a.workdir) / "run", a.logits,
+                 a.precision)
     if cuda:
         cfg.distributed.cpu = False
     tok = build_byte_tokenizer()
@@ -207,7 +211,8 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     n_targets = int((batch["labels"] != -100).sum())
     # Warm-up: the same code path once on a tiny model, so that lazily imported modules, code
     # pages of the shared libraries, thread pools and autograd's engine are in the baseline.
-    tiny = config(a.size, a.ewc, a.ckpt, a.seq, 1, Path(a.workdir) / "run", a.logits)
+    tiny = config(a.size, a.ewc, a.ckpt, a.seq, 1, Path(a.workdir) / "run", a.logits,
+                  a.precision)
     tiny.model.random_init.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=2, vocab_size=259)
     tiny_batch = {k: v[:1].clamp(max=258) if k != "attention_mask" else v[:1]
@@ -247,6 +252,12 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="sizes 5M and 20M only")
@@ -271,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smol", action="store_true",
                    help="add SmolLM2-135M-shaped rows (random init; ~3 GB, minutes on CPU)")
     p.add_argument("--workdir", default="/tmp", help=argparse.SUPPRESS)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: training.mixed_precision bf16 (autocast over fp32 master "
+                        "weights), the GPU check's setting")
     p.add_argument("--logits", choices=("targets", "all"), default="targets",
                    help="training.logits of the measured step (default targets, the loop's "
                         "default: logits at the target positions only)")
@@ -289,9 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.smol:
         plan += [("smol135m", False, ckpt, True) for ckpt in (False, True)]
     rows = []
-    print(f"fp32 AdamW, s={a.seq} b={a.batch}, {a.steps} optimizer steps, {a.threads} threads, "
+    print(f"{a.precision} AdamW, s={a.seq} b={a.batch}, {a.steps} optimizer steps, "
+          f"{a.threads} threads, "
           f"training.logits {a.logits}; "
-          f"measured = peak RSS - baseline RSS (fresh process per row, malloc={a.malloc})")
+          + ("measured = torch.cuda.max_memory_allocated over the post-warm-up baseline "
+             "(tensors; fresh process per row)" if _cuda() else
+             f"measured = peak RSS - baseline RSS (fresh process per row, malloc={a.malloc})"))
     hdr = (f"{'size':>8} {'params':>7} {'V':>6} {'pad%':>5} {'ewc':>4} {'ckpt':>5} {'k':>5} "
            f"{'est W+G+O+R':>11} {'est act':>8} {'(logits)':>8} {'est peak':>9} "
            f"{'measured':>9} {'ratio':>6}")
@@ -304,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker",
                    "--size", size, "--seq", str(a.seq), "--batch", str(a.batch),
                    "--steps", str(a.steps), "--threads", str(a.threads),
-                   "--workdir", work, "--logits", a.logits] + (["--ewc"] if ewc else []) + (
+                   "--workdir", work, "--logits", a.logits, "--precision", a.precision] + (
+                       ["--ewc"] if ewc else []) + (
                        ["--ckpt"] if ckpt else []) + (["--padded"] if padded else [])
             env = dict(os.environ)
             if a.malloc == "mmap":

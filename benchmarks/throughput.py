@@ -98,7 +98,14 @@ MODELS: dict[str, dict[str, Any]] = {
             "num_key_value_heads": 6, "intermediate_size": 1024},
     "smol135m": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
                  "num_key_value_heads": 3, "intermediate_size": 1536},
+    # Llama-3.2-1B's body (d 2048, 16 layers, GQA 32/8, MLP 8192; 1.07 B parameters with
+    # SmolLM2's 49152-token vocabulary, tied): the GPU check's model (--device cuda).
+    "llama1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "intermediate_size": 8192},
 }
+# Dense bf16 tensor-core peaks (TFLOP/s, vendor datasheets, SXM parts) for MFU on a GPU; the
+# measured bf16 matmul peak is printed beside it.
+GPU_BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
 
 
 # ----------------------------------------------------------------------------- data
@@ -110,7 +117,14 @@ def load_tokenizer_for(args: argparse.Namespace) -> Any:
     from forgetkit.models import load_tokenizer
 
     return load_tokenizer(ModelConfig(random_init={"model_type": "llama"},
-                                      tokenizer="byte" if args.tokenizer == "byte" else SMOL))
+                                      tokenizer=tokenizer_name(args)))
+
+
+def tokenizer_name(args: argparse.Namespace) -> str:
+    """forgetkit's ``model.tokenizer`` for ``--tokenizer``: ``byte``, SmolLM2-135M's (offline
+    asset), or a directory holding a saved tokenizer (``--save-tokenizer``: SmolLM2's, for a
+    machine without the asset, such as the GPU check's)."""
+    return {"byte": "byte", "smollm2": SMOL}.get(args.tokenizer, args.tokenizer)
 
 
 def medmcqa_records(n: int, seed: int) -> list[dict[str, str]]:
@@ -180,7 +194,7 @@ def forgetkit_config(args: argparse.Namespace, work: Path, batching: str, seed: 
     raw = {
         "name": "bench-forgetkit", "seed": seed,
         "model": {"random_init": model_spec(args),
-                  "tokenizer": "byte" if args.tokenizer == "byte" else SMOL,
+                  "tokenizer": tokenizer_name(args),
                   "dtype": "float32", "attn_implementation": "sdpa"},
         "data": {"train": {"path": str(work / "train.jsonl"), "format": "instruction"},
                  "validation_fraction": 0.0, "max_length": args.max_length,
@@ -190,8 +204,10 @@ def forgetkit_config(args: argparse.Namespace, work: Path, batching: str, seed: 
                      "max_steps": args.warmup + args.steps, "lr": args.lr,
                      "scheduler": "constant", "warmup_steps": 0, "weight_decay": 0.0,
                      "max_grad_norm": 1.0, "log_every": 1, "eval_every": 0,
-                     "checkpoint_every": 0, "resume": False, "logits": logits},
-        "distributed": {"cpu": True},
+                     "checkpoint_every": 0, "resume": False, "logits": logits,
+                     # bf16: autocast over fp32 master weights (HF: bf16=True, the same)
+                     "mixed_precision": "bf16" if args.precision == "bf16" else "no"},
+        "distributed": {"cpu": args.device == "cpu"},
         "output": {"dir": str(work / f"fk-{batching}-{logits}-{seed}"), "save_model": False},
     }
     return config_from_dict(raw, "benchmarks/throughput.py")
@@ -292,21 +308,70 @@ def pad_fraction(micro: list[tuple[int, list[int]]], flat: bool) -> float:
     return 1.0 - sum(sum(lens) for _, lens in micro) / ex
 
 
-def matmul_peak(seconds: float) -> float:
-    """Best fp32 GFLOP/s of a large square torch.matmul (several sizes, best of many)."""
+def matmul_peak(seconds: float, device: str = "cpu", precision: str = "fp32") -> float:
+    """Best GFLOP/s of a large square torch.matmul in the run's compute dtype (several sizes,
+    best of many; on a GPU synchronised, 8192 included)."""
     import torch
 
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    sizes = (1024, 2048, 3072) if device == "cpu" else (2048, 4096, 8192)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     best = 0.0
     t_end = time.perf_counter() + seconds
     while True:
-        for n in (1024, 2048, 3072):
-            a, b = torch.randn(n, n), torch.randn(n, n)
+        for n in sizes:
+            a = torch.randn(n, n, device=device).to(dtype)
+            b = torch.randn(n, n, device=device).to(dtype)
             a @ b
+            sync()
             t = time.perf_counter()
             a @ b
+            sync()
             best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
         if time.perf_counter() > t_end:
             return best
+
+
+def gpu_spec_peak(device: str) -> tuple[str, float | None]:
+    """(device name, its dense bf16 datasheet peak in GFLOP/s or None) for a CUDA run."""
+    if device != "cuda":
+        return "cpu", None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in GPU_BF16_PEAK_TFLOPS.items() if k in name), None)
+    return name, (peak * 1e3 if peak is not None else None)
+
+
+def largest_micro_estimate(cfg: Any, model: Any, micro: list[tuple[int, list[int]]],
+                           flat: bool, targets: int | None) -> Any:
+    """forgetkit's memory estimate (``forgetkit.memory.estimate_for_config``) for the largest
+    micro-batch of ``micro`` (row length T, [real lengths]): B padded rows of T, or a
+    padding-free row of T tokens counted as micro_batch rows of ceil(T / micro_batch)
+    (activations are linear in tokens with sdpa). ``targets``: the most target positions of any
+    micro-batch (logits at targets only), None for every position."""
+    from forgetkit.memory import estimate_for_config
+
+    b = cfg.training.micro_batch_size
+    tokens = max(T if flat else T * len(lens) for T, lens in micro)
+    return estimate_for_config(cfg, model=model, seq_len=math.ceil(tokens / b),
+                               logit_positions=targets)
+
+
+def cuda_memory(cfg: Any, model: Any, micro: list[tuple[int, list[int]]], flat: bool,
+                targets: int | None) -> dict[str, Any]:
+    """On a GPU: ``torch.cuda.max_memory_allocated`` of the whole run (weights, gradients,
+    AdamW state, the largest micro-batch's activations) next to forgetkit's estimate for the
+    run's largest micro-batch (:func:`largest_micro_estimate`). Empty where CUDA is unused."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    est = largest_micro_estimate(cfg, model, micro, flat, targets)
+    measured = torch.cuda.max_memory_allocated()
+    return {"cuda_max_allocated": measured, "cuda_estimate": est.total_bytes,
+            "cuda_mem_ratio": measured / est.total_bytes,
+            "cuda_estimate_logits": est.details.get("logits_bytes")}
 
 
 # ----------------------------------------------------------------------------- workers
@@ -371,6 +436,12 @@ def run_forgetkit(args: argparse.Namespace, work: Path, method: str, seed: int
         window += mbs
         chk += n_t
     assert chk == targets, (chk, targets)
+    mem = {}
+    if args.device == "cuda":  # the run's largest micro-batch (warm-up included)
+        run_mbs = [mb for k in range(s) for mb in plan.step(k, 0)[0]]
+        mem = cuda_memory(cfg, model, [mb for k in range(s) for mb in shapes(k)[0]], flat,
+                          max(sum(e.n_targets for e in mb) for mb in run_mbs)
+                          if logits == "targets" else None)
     epoch = [mb for k in range(plan.steps_per_epoch) for mb in shapes(k)[0]]
     dims = model_dims(model)
     acct = account(dims, window, flat, per_example_attention=how.form == "segments")
@@ -380,10 +451,11 @@ def run_forgetkit(args: argparse.Namespace, work: Path, method: str, seed: int
     return {"elapsed_s": elapsed, "target_tokens": targets, "step_times": step_times,
             "final_loss": log[-2]["loss"] if len(log) > 1 else None,
             "pad_epoch": pad_fraction(epoch, flat), "pad_window": pad_fraction(window, flat),
-            "n_examples": len(data.train), "logits": logits, **acct}
+            "n_examples": len(data.train), "logits": logits, **acct, **mem}
 
 
 def run_hf(args: argparse.Namespace, work: Path, method: str, seed: int) -> dict[str, Any]:
+    import torch
     from transformers import (
         DataCollatorForSeq2Seq,
         DataCollatorWithFlattening,
@@ -417,7 +489,8 @@ def run_hf(args: argparse.Namespace, work: Path, method: str, seed: int) -> dict
         output_dir=str(work / f"{method}-{seed}"), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, max_steps=args.warmup + args.steps,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, optim="adamw_torch_fused", use_cpu=True, seed=seed,
+        max_grad_norm=1.0, optim="adamw_torch_fused", use_cpu=args.device == "cpu",
+        bf16=args.precision == "bf16", seed=seed,
         train_sampling_strategy=sampling, dataloader_drop_last=True,
         dataloader_num_workers=0, remove_unused_columns=False, logging_steps=10 ** 6,
         save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True)
@@ -425,8 +498,11 @@ def run_hf(args: argparse.Namespace, work: Path, method: str, seed: int) -> dict
     stamps: list[float] = []
     micro: list[tuple[int, list[int], int]] = []
 
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
     class Stamp(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):  # after optimizer.step + zero_grad
+            sync()  # (forgetkit's loop syncs once a step for its log line: the same)
             stamps.append(time.perf_counter())
 
     class BenchTrainer(Trainer):
@@ -453,12 +529,15 @@ def run_hf(args: argparse.Namespace, work: Path, method: str, seed: int) -> dict
         epoch = [(args.max_length, [len(e.input_ids)]) for e in exs]
     else:
         epoch = [(0, [1])]
+    mem = (cuda_memory(forgetkit_config(args, work, "length_grouped", seed, "all"), model,
+                       [(T, lens) for T, lens, _ in micro], flat, None)
+           if args.device == "cuda" else {})  # HF: logits at every position
     return {"elapsed_s": stamps[s - 1] - stamps[w - 1],
             "target_tokens": sum(m[2] for m in micro[w * A:s * A]),
             "step_times": [stamps[k] - stamps[k - 1] for k in range(w, s)],
             "final_loss": out.training_loss, "pad_epoch": pad_fraction(epoch, flat),
             "pad_window": pad_fraction(timed, flat), "n_examples": len(exs),
-            **account(model_dims(model), timed, flat)}
+            **account(model_dims(model), timed, flat), **mem}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -545,8 +624,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training examples (0: all 3,087 MedMCQA train records; longtail 3,000)")
     p.add_argument("--model", choices=tuple(MODELS), default=None,
                    help="random-init Llama shape (default mid; quick tiny)")
-    p.add_argument("--tokenizer", choices=("auto", "smollm2", "byte"), default="auto",
-                   help="auto: SmolLM2-135M's tokenizer when the offline asset is installed")
+    p.add_argument("--tokenizer", default="auto",
+                   help="auto, smollm2, byte, or a directory with a saved tokenizer; auto: "
+                   "SmolLM2-135M's tokenizer when the offline asset is installed")
+    p.add_argument("--save-tokenizer", type=Path, default=None,
+                   help="save SmolLM2-135M's tokenizer (from the offline asset) to this "
+                   "directory and exit: --tokenizer DIR then needs no asset (the GPU check)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed optimizer steps (default: one whole HF length-grouping mega-batch "
                    "after the warm-up, 48 with --warmup 2; tiny 14)")
@@ -563,6 +646,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None,
                    help="interleaved rounds over the methods (default 2; quick 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: one GPU (forgetkit distributed.cpu false, HF use_cpu false); "
+                   "MFU against the GPU's dense bf16 datasheet peak, and each run's "
+                   "torch.cuda.max_memory_allocated against forgetkit's memory estimate")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast over fp32 master weights on both sides (forgetkit "
+                   "training.mixed_precision bf16, HF bf16=True)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -575,6 +665,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.repeats = a.repeats or (1 if a.quick else 2)
     if a.warmup < 1:
         p.error("--warmup must be >= 1 (the timed window starts at the end of a step)")
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is "
+                    "False)")
+    if a.tokenizer not in ("auto", "smollm2", "byte") and not Path(a.tokenizer).is_dir():
+        p.error(f"--tokenizer {a.tokenizer!r}: not auto, smollm2, byte or a directory")
     if a.tokenizer == "auto":
         from forgetkit import assets
 
@@ -586,7 +684,7 @@ def _worker_argv(args: argparse.Namespace, method: str, work: Path, repeat: int)
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", method,
             "--workdir", str(work), "--repeat", str(repeat)]
     for k in ("steps", "warmup", "model", "tokenizer", "batch_size", "grad_accum", "max_length",
-              "lr", "threads", "seed"):
+              "lr", "threads", "seed", "device", "precision"):
         argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     return argv
 
@@ -595,6 +693,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
+    if args.save_tokenizer is not None:
+        args.tokenizer = "smollm2"
+        load_tokenizer_for(args).save_pretrained(str(args.save_tokenizer))
+        print(f"saved SmolLM2-135M's tokenizer to {args.save_tokenizer}")
+        return 0
     if args.worker:
         worker(args)
         return 0
@@ -629,12 +732,14 @@ def main(argv: list[str] | None = None) -> int:
         del model
         losses = check_same_objective(args, work, exs, tok)
         spec = model_spec(args)
-        vocab = "SmolLM2-135M tokenizer" if args.tokenizer == "smollm2" else "byte tokenizer"
+        vocab = {"smollm2": "SmolLM2-135M tokenizer", "byte": "byte tokenizer"}.get(
+            args.tokenizer, f"tokenizer {args.tokenizer}")
         print(f"model: random-init llama '{args.model}' hidden={spec['hidden_size']} layers="
               f"{spec['num_hidden_layers']} heads={spec['num_attention_heads']}/"
               f"{spec['num_key_value_heads']} mlp={spec['intermediate_size']} vocab {len(tok)} "
               f"({vocab}), {dims['params'] / 1e6:.1f}M params ({dims['matmul_params'] / 1e6:.1f}M "
-              f"in Linear layers incl. the tied LM head), fp32, sdpa, {args.threads} threads "
+              f"in Linear layers incl. the tied LM head), {args.precision}, sdpa, "
+              f"{gpu_spec_peak(args.device)[0]}, {args.threads} threads "
               f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
         print(f"data: {args.dist}, {len(exs)} instruction-format examples, length (tokens) mean "
               f"{lens.mean():.0f} median {np.median(lens):.0f} p90 {np.percentile(lens, 90):.0f} "
@@ -648,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
         print("objective check (one micro-batch, same weights): " + ", ".join(
             f"{k} {v:.6f}" for k, v in losses.items()) +
             f"; max |diff| {max(abs(v - ref) for v in losses.values()):.1e}")
-        peak = matmul_peak(3.0 if args.quick else 6.0)
+        peak = matmul_peak(3.0 if args.quick else 6.0, args.device, args.precision)
         results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
         for rep in range(args.repeats):
             for m in methods:
@@ -663,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {m:<10} repeat {rep}: {res['target_tokens'] / res['elapsed_s']:8.1f} "
                       f"target tok/s, pad {100 * res['pad_window']:.1f} % "
                       f"({time.perf_counter() - t:.0f}s incl. set-up)", flush=True)
-        peak = max(peak, matmul_peak(2.0))
+        peak = max(peak, matmul_peak(2.0, args.device, args.precision))
     summary = report(args, results, peak, len(exs), dims["params"],
                      float(tgts.sum() / lens.sum()))
     if args.json:
@@ -679,6 +784,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], p
            n_examples: int, params: int, target_share: float) -> dict[str, Any]:
     """Print the table and the headline; return the summary (ratios) for --json/run_all."""
     rows = {}
+    gpu, spec = gpu_spec_peak(args.device)
+    mfu_peak = spec if spec is not None and args.precision == "bf16" else peak
     for m, runs in results.items():
         tps = [r["target_tokens"] / r["elapsed_s"] for r in runs]
         r = sorted(runs, key=lambda r: r["target_tokens"] / r["elapsed_s"])[len(runs) // 2]
@@ -689,10 +796,19 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], p
             "pad_window": r["pad_window"], "pad_epoch": r["pad_epoch"],
             "real_tps": r["useful_tokens"] / r["elapsed_s"], "exec_tps": exec_tps,
             "adj_tps": exec_tps * (1 - r["pad_epoch"]) * target_share,
-            "mfu_exec": r["exec_flops"] / r["elapsed_s"] / (peak * 1e9),
+            "mfu_exec": r["exec_flops"] / r["elapsed_s"] / (mfu_peak * 1e9),
             "attention": r.get("attention")}
+        for k in ("cuda_max_allocated", "cuda_estimate", "cuda_mem_ratio"):
+            if k in r:
+                rows[m][k] = r[k]
     print()
-    print(f"fp32 matmul peak (best large torch.matmul, {args.threads} threads): {peak:.1f} GFLOP/s")
+    if args.device == "cpu":
+        print(f"{args.precision} matmul peak (best large torch.matmul, {args.threads} threads): "
+              f"{peak:.1f} GFLOP/s")
+    else:
+        print(f"{gpu}: {args.precision} matmul peak measured {peak / 1e3:.1f} TFLOP/s; MFU "
+              f"below against {mfu_peak / 1e3:.1f} TFLOP/s ("
+              + ("dense bf16 datasheet peak)" if mfu_peak == spec else "the measured peak)"))
     hdr = (f"{'method':<42} {'target tok/s (min-max)':>24} {'step ms':>8} {'pad % win':>9} "
            f"{'pad % epoch':>11} {'real tok/s':>10} {'MFU exec':>8} {'epoch-adj tgt/s':>15}")
     print(hdr)
@@ -702,6 +818,13 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], p
         print(f"{m + ' ' + LABEL[m]:<42} {tp:>24} {r['step_ms']:>8.0f} "
               f"{100 * r['pad_window']:>9.1f} {100 * r['pad_epoch']:>11.1f} "
               f"{r['real_tps']:>10.0f} {100 * r['mfu_exec']:>7.1f}% {r['adj_tps']:>15.1f}")
+    if any("cuda_max_allocated" in r for r in rows.values()):
+        print("GPU memory (whole run): " + "; ".join(
+            f"{m} max_memory_allocated {r['cuda_max_allocated'] / 2**30:.2f} GiB, estimate "
+            f"{r['cuda_estimate'] / 2**30:.2f} GiB (ratio {r['cuda_mem_ratio']:.2f})"
+            for m, r in rows.items() if "cuda_max_allocated" in r) +
+            " (target 0.85-1.15; forgetkit.memory.estimate_for_config at the run's largest "
+            "micro-batch)")
     print()
     fk = [m for m in rows if m.startswith("fk-")]
     hf = [m for m in rows if m.startswith("hf-")]
