@@ -290,3 +290,35 @@ def test_segments_are_not_used_for_sliding_window_layers():
     assert pf.how == "position_ids" and model.config._attn_implementation == "sdpa"
     exs = examples(seed=6, n=3)  # up to 47 tokens: the window of 8 matters
     assert max_diff(flat_ce(model, exs, pf), padded_ce(model, exs)) <= CE_ATOL
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16", "fp16"])
+def test_probe_tolerance_is_the_compute_dtypes(monkeypatch, mixed_precision):
+    """Under mixed precision the probe's forwards compute in 16 bits over fp32 weights, and B in
+    the row may round differently from B alone (another matmul shape: on a GPU cuBLAS picks
+    other kernels) by a 16-bit ulp, far above fp32's sqrt(eps): the tolerance is the compute
+    dtype's (bf16: 4 eps = 0.031, sqrt(eps) = 0.088 of the logit scale), which still refuses a
+    leak across the boundary (0.44-1.6 of the scale on random-init Llamas). The CPU computes
+    both shapes alike, so the rounding is injected here: the probe's answer is replaced."""
+    import forgetkit.train.loop as loop
+
+    model = tiny_model("sdpa")
+    backend = SimpleNamespace(model=model, unwrap=lambda: model, device=torch.device("cpu"),
+                              forward=lambda **kw: model(**kw), autocast=torch.no_grad,
+                              tcfg=SimpleNamespace(mixed_precision=mixed_precision))
+    eps16 = {"bf16": torch.finfo(torch.bfloat16).eps,
+             "fp16": torch.finfo(torch.float16).eps}.get(mixed_precision)
+    assert loop.probe_eps(backend, model) == (eps16 or torch.finfo(torch.float32).eps)
+    # a 16-bit rounding difference between B in the row and B alone (4 ulps of bf16/fp16 at
+    # the scale 2; 2 x sqrt(fp32 eps) for fp32)
+    rounding = 4 * (eps16 or math.sqrt(torch.finfo(torch.float32).eps) / 2) * 2.0
+    monkeypatch.setattr(loop, "_boundary_probe", lambda *a, **k: (0.0, rounding, 2.0))
+    if eps16 is None:  # fp32 weights, fp32 compute: such a difference is no rounding
+        with pytest.raises(ConfigError, match="does not keep the example boundaries"):
+            padding_free_setup(backend)
+    else:
+        assert padding_free_setup(backend).how == "segments"
+    # a leak across the boundary is refused at every precision
+    monkeypatch.setattr(loop, "_boundary_probe", lambda *a, **k: (0.44 * 2.0, 0.47 * 2.0, 2.0))
+    with pytest.raises(ConfigError, match="does not keep the example boundaries"):
+        padding_free_setup(backend)

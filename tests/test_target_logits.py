@@ -173,3 +173,23 @@ def test_memory_estimate_counts_the_kept_positions(tiny_cfg):
         from forgetkit.memory import estimate, typical_shape
 
         estimate(typical_shape(10_000_000), seq_len=8, micro_batch=2, logit_positions=17)
+
+
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_probe_tolerance_is_the_compute_dtypes(mixed_precision):
+    """Under bf16 autocast the kept logits come from a smaller matmul in bf16, which may round
+    differently from the full forward's by a bf16 ulp (on a GPU: another cuBLAS kernel); the
+    probe accepts that under bf16 (tolerance sqrt(bf16 eps) x scale) and not in fp32, where
+    such a difference is no rounding. The rounding is injected (the CPU computes both alike)."""
+    model = tiny_model()
+
+    def rounds_16bit(**kw):
+        out = model(**kw)
+        if "logits_to_keep" in kw:  # 4 bf16 ulps of the logit scale
+            scale = max(1.0, float(out.logits.abs().max()))
+            out.logits = out.logits + 4 * torch.finfo(torch.bfloat16).eps * scale
+        return out
+
+    backend = backend_of(model, rounds_16bit)
+    backend.tcfg = SimpleNamespace(mixed_precision=mixed_precision)
+    assert target_logits_setup(backend, None, 257) is (mixed_precision == "bf16")
