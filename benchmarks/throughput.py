@@ -389,6 +389,21 @@ class _PaddingFreeForm(logging.Handler):
             self.form = m.group(1)
 
 
+def _usage() -> tuple[int, float]:
+    """(minor page faults, kernel CPU seconds) of this process so far."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_minflt, ru.ru_stime
+
+
+def _window_usage(start: tuple[int, float], end: tuple[int, float], steps: int
+                  ) -> dict[str, float]:
+    """Minor page faults per timed step and kernel seconds in the window (the CPU cost of
+    fresh pages: large tensors are fresh mmaps under glibc, see --malloc)."""
+    return {"faults_per_step": (end[0] - start[0]) / steps, "kernel_s": end[1] - start[1]}
+
+
 def run_forgetkit(args: argparse.Namespace, work: Path, method: str, seed: int
                   ) -> dict[str, Any]:
     from forgetkit.models import load_model
@@ -402,9 +417,20 @@ def run_forgetkit(args: argparse.Namespace, work: Path, method: str, seed: int
     level = fk_log.level
     fk_log.addHandler(how)
     fk_log.setLevel(min(level or logging.INFO, logging.INFO))
+    from forgetkit.train import tracking
+
+    usage: list[tuple[int, float]] = []  # (minor faults, kernel s) at each step's log point
+    real_log = tracking.Trackers.log
+
+    def log_with_usage(self: Any, record: Any, step: int) -> None:
+        usage.append(_usage())
+        real_log(self, record, step)
+
+    tracking.Trackers.log = log_with_usage  # observation only, as HF's Stamp callback below
     try:
         res = train(cfg, progress=False)
     finally:
+        tracking.Trackers.log = real_log
         fk_log.removeHandler(how)
         fk_log.setLevel(level)
     log = [json.loads(ln) for ln in (res.out_dir / "train_log.jsonl").read_text().splitlines()]
@@ -449,6 +475,7 @@ def run_forgetkit(args: argparse.Namespace, work: Path, method: str, seed: int
     if logits == "targets":  # the LM head ran on the window's target positions only
         acct["exec_flops"] -= 6.0 * dims["head_params"] * (acct["exec_tokens"] - targets)
     return {"elapsed_s": elapsed, "target_tokens": targets, "step_times": step_times,
+            **_window_usage(usage[w - 1], usage[s - 1], args.steps),
             "final_loss": log[-2]["loss"] if len(log) > 1 else None,
             "pad_epoch": pad_fraction(epoch, flat), "pad_window": pad_fraction(window, flat),
             "n_examples": len(data.train), "logits": logits, **acct, **mem}
@@ -496,6 +523,7 @@ def run_hf(args: argparse.Namespace, work: Path, method: str, seed: int) -> dict
         save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True)
 
     stamps: list[float] = []
+    usage: list[tuple[int, float]] = []
     micro: list[tuple[int, list[int], int]] = []
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -504,6 +532,7 @@ def run_hf(args: argparse.Namespace, work: Path, method: str, seed: int) -> dict
         def on_step_end(self, a, state, control, **kw):  # after optimizer.step + zero_grad
             sync()  # (forgetkit's loop syncs once a step for its log line: the same)
             stamps.append(time.perf_counter())
+            usage.append(_usage())
 
     class BenchTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -535,6 +564,7 @@ def run_hf(args: argparse.Namespace, work: Path, method: str, seed: int) -> dict
     return {"elapsed_s": stamps[s - 1] - stamps[w - 1],
             "target_tokens": sum(m[2] for m in micro[w * A:s * A]),
             "step_times": [stamps[k] - stamps[k - 1] for k in range(w, s)],
+            **_window_usage(usage[w - 1], usage[s - 1], args.steps),
             "final_loss": out.training_loss, "pad_epoch": pad_fraction(epoch, flat),
             "pad_window": pad_fraction(timed, flat), "n_examples": len(exs),
             **account(model_dims(model), timed, flat), **mem}
@@ -653,6 +683,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast over fp32 master weights on both sides (forgetkit "
                    "training.mixed_precision bf16, HF bf16=True)")
+    p.add_argument("--malloc", choices=("system", "keep"), default="system",
+                   help="keep: every worker (both sides) runs with glibc's MALLOC_MMAP_MAX_=0 "
+                   "and MALLOC_TRIM_THRESHOLD_ at 4 GiB, so freed large tensors are reused "
+                   "instead of returned to the kernel and faulted in again (a diagnostic of "
+                   "the page-fault cost; forgetkit does not set it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -689,6 +724,14 @@ def _worker_argv(args: argparse.Namespace, method: str, work: Path, repeat: int)
     return argv
 
 
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of every worker process (both sides alike)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if args.malloc == "keep":  # read by glibc at process start
+        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(4 << 30))
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -709,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = worker_env(args)
     with tempfile.TemporaryDirectory(prefix="forgetkit-bench-") as tmp:
         work = Path(tmp)
         tok = load_tokenizer_for(args)
@@ -797,7 +840,9 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], p
             "real_tps": r["useful_tokens"] / r["elapsed_s"], "exec_tps": exec_tps,
             "adj_tps": exec_tps * (1 - r["pad_epoch"]) * target_share,
             "mfu_exec": r["exec_flops"] / r["elapsed_s"] / (mfu_peak * 1e9),
-            "attention": r.get("attention")}
+            "attention": r.get("attention"),
+            "faults_per_step": r.get("faults_per_step"),
+            "kernel_share": (r["kernel_s"] / r["elapsed_s"]) if "kernel_s" in r else None}
         for k in ("cuda_max_allocated", "cuda_estimate", "cuda_mem_ratio"):
             if k in r:
                 rows[m][k] = r[k]
@@ -818,6 +863,10 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], p
         print(f"{m + ' ' + LABEL[m]:<42} {tp:>24} {r['step_ms']:>8.0f} "
               f"{100 * r['pad_window']:>9.1f} {100 * r['pad_epoch']:>11.1f} "
               f"{r['real_tps']:>10.0f} {100 * r['mfu_exec']:>7.1f}% {r['adj_tps']:>15.1f}")
+    if all(r["faults_per_step"] is not None for r in rows.values()):
+        print(f"page faults (malloc {args.malloc}): " + "; ".join(
+            f"{m} {r['faults_per_step'] / 1e3:.0f}k minor faults/step, kernel "
+            f"{100 * r['kernel_share']:.0f} % of the window" for m, r in rows.items()))
     if any("cuda_max_allocated" in r for r in rows.values()):
         print("GPU memory (whole run): " + "; ".join(
             f"{m} max_memory_allocated {r['cuda_max_allocated'] / 2**30:.2f} GiB, estimate "
@@ -829,7 +878,7 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], p
     fk = [m for m in rows if m.startswith("fk-")]
     hf = [m for m in rows if m.startswith("hf-")]
     summary: dict[str, Any] = {"n_examples": n_examples, "params": params, "dist": args.dist,
-                               "model": args.model, "rows": rows}
+                               "model": args.model, "malloc": args.malloc, "rows": rows}
     if fk and hf:
         fk_best = max(fk, key=lambda m: rows[m]["tps"])
         hf_best = max(hf, key=lambda m: rows[m]["tps"])

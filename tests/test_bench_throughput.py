@@ -5,6 +5,7 @@ length-grouping mega-batch), argument checks, and the GPU check's memory estimat
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,24 @@ def test_argument_checks(tp, tmp_path, capsys):
         with pytest.raises(SystemExit):
             tp.parse_args(["--tokenizer", "byte", "--device", "cuda"])
         assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_page_fault_accounting(tp):
+    """_usage counts the minor faults of touching fresh pages; _window_usage is per step;
+    --malloc keep reaches every worker's environment (both sides), system leaves it alone."""
+    f0 = tp._usage()
+    x = torch.ones(64 << 18)  # 64 MiB, a fresh mmap: every 4 KiB page faults once on touch
+    f1 = tp._usage()
+    assert f1[0] - f0[0] >= (64 << 20) // (2 << 20)  # at least one fault per 2 MiB huge page
+    del x
+    assert tp._window_usage((100, 1.0), (700, 1.5), 3) == {"faults_per_step": 200.0,
+                                                           "kernel_s": 0.5}
+    keep = tp.worker_env(tp.parse_args(["--tokenizer", "byte", "--malloc", "keep",
+                                        "--threads", "1"]))
+    assert keep["MALLOC_MMAP_MAX_"] == "0" and int(keep["MALLOC_TRIM_THRESHOLD_"]) == 4 << 30
+    assert keep["OMP_NUM_THREADS"] == "1"
+    system = tp.worker_env(tp.parse_args(["--tokenizer", "byte"]))
+    assert system.get("MALLOC_MMAP_MAX_") == os.environ.get("MALLOC_MMAP_MAX_")
 
 
 def test_gpu_settings_reach_both_sides(tp, tmp_path):
