@@ -127,12 +127,22 @@ def tokenizer_name(args: argparse.Namespace) -> str:
     return {"byte": "byte", "smollm2": SMOL}.get(args.tokenizer, args.tokenizer)
 
 
-def medmcqa_records(n: int, seed: int) -> list[dict[str, str]]:
-    """The MedMCQA train split forgetkit ships, instruction format; the first ``n`` after a
-    seeded shuffle (all of them when ``n`` is 0)."""
+def medmcqa_train(path: Path | None = None) -> list[dict[str, str]]:
+    """The MedMCQA train split forgetkit ships (instruction records): from the offline asset,
+    or from ``path``, a JSONL written by ``--save-tokenizer`` for a machine without the asset."""
+    if path is not None:
+        with path.open() as fh:
+            return [json.loads(ln) for ln in fh if ln.strip()]
     from forgetkit import assets
 
-    recs = assets.load_alias("medmcqa", "train")
+    return [{"instruction": r["instruction"], "input": r.get("input", ""),
+             "output": r["output"]} for r in assets.load_alias("medmcqa", "train")]
+
+
+def medmcqa_records(n: int, seed: int, path: Path | None = None) -> list[dict[str, str]]:
+    """The MedMCQA train split (:func:`medmcqa_train`), instruction format; the first ``n``
+    after a seeded shuffle (all of them when ``n`` is 0)."""
+    recs = medmcqa_train(path)
     order = np.random.default_rng(seed).permutation(len(recs))
     if n:
         if n > len(recs):
@@ -143,16 +153,14 @@ def medmcqa_records(n: int, seed: int) -> list[dict[str, str]]:
 
 
 def longtail_records(n: int, seed: int, tok: Any, median: float, sigma: float, lo: int,
-                     hi: int) -> list[dict[str, str]]:
+                     hi: int, path: Path | None = None) -> list[dict[str, str]]:
     """Instruction records whose total length in tokens is lognormal(median, sigma) clipped to
     [lo, hi], the response 30-85 % of it; words drawn (frequency-weighted) from MedMCQA's text,
     each word's token count taken from the tokenizer (totals are additive up to a few %; the
     printed distribution is the measured one)."""
-    from forgetkit import assets
     from forgetkit.data.templates import tokenize_record
 
-    text = " ".join(r["instruction"] + " " + r["output"]
-                    for r in assets.load_alias("medmcqa", "train"))
+    text = " ".join(r["instruction"] + " " + r["output"] for r in medmcqa_train(path))
     occ = text.split()
     uniq = sorted(set(occ))
     n_tok = dict(zip(uniq, (len(tok(" " + w, add_special_tokens=False)["input_ids"])
@@ -660,6 +668,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-tokenizer", type=Path, default=None,
                    help="save SmolLM2-135M's tokenizer (from the offline asset) to this "
                    "directory and exit: --tokenizer DIR then needs no asset (the GPU check)")
+    p.add_argument("--medmcqa", type=Path, default=None,
+                   help="MedMCQA's train split as JSONL (written by --save-tokenizer) instead "
+                   "of the offline asset: the texts of both distributions")
     p.add_argument("--steps", type=int, default=None,
                    help="timed optimizer steps (default: one whole HF length-grouping mega-batch "
                    "after the warm-up, 48 with --warmup 2; tiny 14)")
@@ -688,6 +699,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "and MALLOC_TRIM_THRESHOLD_ at 4 GiB, so freed large tensors are reused "
                    "instead of returned to the kernel and faulted in again (a diagnostic of "
                    "the page-fault cost; forgetkit does not set it)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a method whose worker fails is left out of the table (its error "
+                   "printed) instead of stopping the run: for one-shot runs (the GPU check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -708,6 +722,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "False)")
     if a.tokenizer not in ("auto", "smollm2", "byte") and not Path(a.tokenizer).is_dir():
         p.error(f"--tokenizer {a.tokenizer!r}: not auto, smollm2, byte or a directory")
+    if a.medmcqa is not None and not a.medmcqa.is_file():
+        p.error(f"--medmcqa {a.medmcqa}: no such file (write it with --save-tokenizer DIR)")
     if a.tokenizer == "auto":
         from forgetkit import assets
 
@@ -739,7 +755,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_tokenizer is not None:
         args.tokenizer = "smollm2"
         load_tokenizer_for(args).save_pretrained(str(args.save_tokenizer))
-        print(f"saved SmolLM2-135M's tokenizer to {args.save_tokenizer}")
+        with (args.save_tokenizer / "medmcqa_train.jsonl").open("w") as fh:
+            for r in medmcqa_train():
+                fh.write(json.dumps(r) + "\n")
+        print(f"saved SmolLM2-135M's tokenizer and MedMCQA's train split "
+              f"(medmcqa_train.jsonl) to {args.save_tokenizer}")
         return 0
     if args.worker:
         worker(args)
@@ -757,10 +777,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         tok = load_tokenizer_for(args)
         if args.dist == "medmcqa":
-            records = medmcqa_records(args.n_examples, args.seed)
+            records = medmcqa_records(args.n_examples, args.seed, args.medmcqa)
         else:
             records = longtail_records(args.n_examples or 3000, args.seed, tok, args.median_len,
-                                       args.sigma, args.min_len, args.max_length - 16)
+                                       args.sigma, args.min_len, args.max_length - 16,
+                                       args.medmcqa)
         with (work / "train.jsonl").open("w") as fh:
             for r in records:
                 fh.write(json.dumps(r) + "\n")
@@ -798,27 +819,39 @@ def main(argv: list[str] | None = None) -> int:
             f"; max |diff| {max(abs(v - ref) for v in losses.values()):.1e}")
         peak = matmul_peak(3.0 if args.quick else 6.0, args.device, args.precision)
         results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+        failed: dict[str, str] = {}
         for rep in range(args.repeats):
             for m in methods:
+                if m in failed:
+                    continue
                 t = time.perf_counter()
                 proc = subprocess.run(_worker_argv(args, m, work, rep), cwd=str(ROOT),
                                       capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                    raise SystemExit(f"worker {m} failed (exit {proc.returncode})")
+                    if not args.keep_going:
+                        raise SystemExit(f"worker {m} failed (exit {proc.returncode})")
+                    failed[m] = f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
+                    del results[m]  # all its repeats: the ratios pair repeats side by side
+                    print(f"  {m:<10} repeat {rep}: FAILED (exit {proc.returncode}); left out "
+                          "of the table (--keep-going)", flush=True)
+                    continue
                 res = json.loads((work / f"result-{m}-{rep}.json").read_text())
                 results[m].append(res)
                 print(f"  {m:<10} repeat {rep}: {res['target_tokens'] / res['elapsed_s']:8.1f} "
                       f"target tok/s, pad {100 * res['pad_window']:.1f} % "
                       f"({time.perf_counter() - t:.0f}s incl. set-up)", flush=True)
         peak = max(peak, matmul_peak(2.0, args.device, args.precision))
+    if not results:
+        raise SystemExit(f"every worker failed: {failed}")
     summary = report(args, results, peak, len(exs), dims["params"],
                      float(tgts.sum() / lens.sum()))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in vars(args).items()},
                                          "peak_gflops": peak, "losses": losses,
-                                         "summary": summary, "results": results}, indent=1))
+                                         "summary": summary, "results": results,
+                                         "failed": failed}, indent=1))
     print(f"total wall time {time.perf_counter() - t0:.0f}s")
     return 0
 
