@@ -101,7 +101,11 @@ def fill_added_keys(ident: dict[str, Any], like: dict[str, Any] | None = None
     flat: dict[str, Any] = {}
     _flatten(config_to_dict(Config()), "", flat)
     for k, v in flat.items():
-        if _excluded(k, ADDED_KEYS) and k not in ident and (like is None or k in like):
+        # A section whose default is None or [] (training.lora, evaluation.merge, sequence) is
+        # present in an identity that set it as its nested keys (training.lora.r, ...), never
+        # as the bare key: such a run did not run at the default.
+        if (_excluded(k, ADDED_KEYS) and k not in ident and (like is None or k in like)
+                and not any(j.startswith(k + ".") for j in ident)):
             ident[k] = v
     for parent, key, value, default in ADDED_NESTED:
         for k in list(ident):

@@ -186,6 +186,22 @@ def test_keys_added_to_the_schema_later_do_not_invalidate_a_saved_run(tmp_path, 
     assert rc == 2 and "training.freeze.bottom_layers: 0 -> 1" in err, err
 
 
+def test_finished_lora_run_is_reused(tmp_path, fakes, capsys):
+    """A section whose default is None (training.lora) is saved as its nested keys; reading the
+    identity back must not add the bare key at its default (it did until 2026-12-04: every
+    finished LoRA run read as changed, 'training.lora: null -> (absent)', and a resumed study
+    refused it)."""
+    config = experiment(tmp_path, [{"name": "lora", "overrides": {"training": {"lora": {"r": 2}}}}])
+    root = tmp_path / "results" / "rel"
+    assert cli(capsys, config)[0] == 0
+    saved = json.loads((root / "lora" / "seed-0" / "identity.json").read_text())
+    assert saved["training.lora.r"] == 2 and "training.lora" not in saved
+    assert runner.saved_identity(root / "lora" / "seed-0") == saved
+    rc, err = cli(capsys, config)
+    assert rc == 0 and "1 reused" in err, err
+    assert fakes.trained == ["lora seed 0"]
+
+
 def test_run_of_older_numerics_is_not_reused(tmp_path, fakes, capsys):
     """A finished run whose identity.json was saved before forgetkit's numerics were versioned
     (version 1) is not reused as today's: same config, other computation."""
