@@ -58,10 +58,10 @@ from forgetkit.report import (
 )
 
 # The paper's experiments: the main comparison and the lambda sweep behind its lambdas, the
-# one-seed studies with per-item statistics (v2; v3: the cloze suite with more items) and the
-# task-sequence study.
+# one-seed studies with per-item statistics (v2; v3: the cloze suite with more items; v4:
+# numerics v3, with LoRA and freezing on that suite) and the task-sequence study.
 EXPERIMENTS = ["ewc_medical", "ewc_medical_sweep", "ewc_medical_v2", "ewc_medical_v3",
-               "sequence_medical"]
+               "ewc_medical_v4", "sequence_medical"]
 # Not compared by --compare: they depend on the machine, not on the method.
 VOLATILE = {"train_time_s", "n_seeds"}
 

@@ -11,7 +11,7 @@
 
 PAPER_EXPERIMENT ?= ewc_medical
 # every experiment the paper draws from (committed under results/)
-PAPER_EXPERIMENTS ?= ewc_medical,ewc_medical_sweep,ewc_medical_v2,ewc_medical_v3,sequence_medical
+PAPER_EXPERIMENTS ?= ewc_medical,ewc_medical_sweep,ewc_medical_v2,ewc_medical_v3,ewc_medical_v4,sequence_medical
 PAPER_CONFIG ?= experiments/$(PAPER_EXPERIMENT).yaml
 PAPER_SEEDS ?= 0,1,2
 REPRO_DIR ?= runs/reproduce

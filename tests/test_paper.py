@@ -159,10 +159,10 @@ def test_shipped_paper_figure_links_and_tables_fill(results_dir: Path, tmp_path:
     # the synthetic suite has no general NLL metric, so no per-metric Pareto (that one is
     # checked against the committed results below and in test_report)
     text = re.sub(r"!\[[^]]*\]\(figures/ewc_medical/pareto_wiki_nll\.png\)", "", text)
-    # the paired v2 study (per-item scores) is checked against the committed results below and
+    # the paired v2-v4 studies (per-item scores) are checked against the committed results below and
     # in test_summary_stats; this synthetic tree has none
-    text = re.sub(r"!\[[^]]*\]\(figures/(ewc_medical_v[23]|sequence_medical)/[^)]*\)", "", text)
-    text = re.sub(r"<!-- fk-table: (ewc_medical_v[23]|sequence_medical)/\w+ -->.*?"
+    text = re.sub(r"!\[[^]]*\]\(figures/(ewc_medical_v[234]|sequence_medical)/[^)]*\)", "", text)
+    text = re.sub(r"<!-- fk-table: (ewc_medical_v[234]|sequence_medical)/\w+ -->.*?"
                   r"<!-- /fk-table -->", "", text, flags=re.S)
     (p / "paper.md").write_text(text)
     shutil.copytree(results_dir / "ewc_medical", tmp_path / "res" / "ewc_medical")
