@@ -1641,10 +1641,17 @@ def describe_plan(base: Config, runs: list[RunSpec]) -> str:
                  + (f", +{len(base.evaluation.merge)} merges per run"
                     if base.evaluation.merge else "")
                  + (f"; items with an explicit limit: {n_eval_items}" if n_eval_items else ""))
-    est = estimate_seconds(base, runs, n_steps)
+    left = [i for i, r in enumerate(runs) if not is_finished(r.dir)]
+    if not left:
+        lines.append("estimated time: nothing left to run (every run has finished: each is "
+                     "reused while its identity matches, see the checks)")
+    est = estimate_seconds(base, [runs[i] for i in left], [n_steps[i] for i in left]) \
+        if left else None
     if est is not None:
         total = est["train_s"] + est["fisher_s"] + est["eval_s"]
-        lines.append(f"estimated time (rough, {est['params'] / 1e6:.0f}M parameters at "
+        of = (f" of the {len(left)} runs left ({len(runs) - len(left)} finished)"
+              if len(left) < len(runs) else "")
+        lines.append(f"estimated time{of} (rough, {est['params'] / 1e6:.0f}M parameters at "
                      f"{est['flops'] / 1e9:.1f} effective GFLOP/s; FORGETKIT_FLOPS overrides): "
                      f"training {est['train_s'] / 60:.0f} min, Fisher {est['fisher_s'] / 60:.0f} "
                      f"min, evaluation {est['eval_s'] / 60:.0f} min, total ~{total / 60:.0f} min "

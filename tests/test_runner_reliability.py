@@ -431,6 +431,22 @@ def test_dry_run_shows_the_checks_and_writes_nothing(tmp_path, fakes, capsys):
     assert not (tmp_path / "results").exists()
 
 
+def test_dry_run_estimates_only_the_runs_left(tmp_path, fakes, capsys):
+    """Finished runs (reused) are not in the time estimate: 'of the 1 runs left (1 finished)';
+    with every run finished, nothing is estimated."""
+    config = experiment(tmp_path)
+    rc, err = cli(capsys, config, "--dry-run")
+    assert rc == 0 and "estimated time (rough" in err, err
+    full = float(err.split("total ~")[1].split(" min")[0])
+    assert cli(capsys, config, "experiment.seeds=[0]", "--arms", "naive")[0] == 0
+    rc, err = cli(capsys, config, "--dry-run")
+    assert rc == 0 and "estimated time of the 1 runs left (1 finished)" in err, err
+    assert float(err.split("total ~")[1].split(" min")[0]) <= full
+    assert cli(capsys, config)[0] == 0
+    rc, err = cli(capsys, config, "--dry-run")
+    assert rc == 0 and "nothing left to run" in err and "total ~" not in err, err
+
+
 # ----------------------------------------------------------------------------- disk full
 
 def _enospc_when(monkeypatch: pytest.MonkeyPatch, *parts: str) -> None:
