@@ -1129,6 +1129,23 @@ def _check_started_from(run: RunSpec) -> str | None:
     return want
 
 
+def run_memory_line(estimate: dict[str, Any], measured: dict[str, Any]) -> str:
+    """The training's memory line (:func:`forgetkit.memory.memory_line`: what each number
+    covers; on CPU the whole-process RSS is labelled as no estimate check) from the saved
+    ``train_result.json`` entries; a bare one if they cannot be read back."""
+    import dataclasses
+
+    from forgetkit.memory import MemoryEstimate, memory_line
+
+    try:
+        names = {f.name for f in dataclasses.fields(MemoryEstimate)}
+        est = MemoryEstimate(**{k: v for k, v in estimate.items() if k in names})
+        return memory_line(est, measured)
+    except (TypeError, KeyError, ValueError) as e:
+        return (f"memory: estimated training peak {estimate.get('total_bytes', 0) / 2**30:.2f}"
+                f" GiB per device (the measured figures could not be read back: {e})")
+
+
 def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
     run.dir.mkdir(parents=True, exist_ok=True)
     started_from = _check_started_from(run)
@@ -1146,9 +1163,7 @@ def run_one(run: RunSpec, root: Path, launcher: list[str]) -> dict[str, Any]:
     write_json(run.dir / "eval_before.json", before)
     train = train_stage(run, launcher)
     if train.get("memory_estimate") and train.get("memory"):
-        log.info("memory: estimated %.2f GiB per device, measured peak %.2f GiB (%s)",
-                 train["memory_estimate"]["total_bytes"] / 2**30,
-                 train["memory"]["peak_bytes"] / 2**30, train["memory"]["device"])
+        log.info("%s", run_memory_line(train["memory_estimate"], train["memory"]))
     base = before.get("model") or base_checkpoint(run.cfg, root)
     layer_summaries(run, base)
     t1 = time.perf_counter()

@@ -249,6 +249,15 @@ def test_memory_line_says_what_it_compares():
     # sharded: the loaded weights are this rank's shard
     z3 = estimate(shape, seq_len=512, sharding="zero3", world_size=4)
     assert loaded_weights_bytes(z3) == 2 * n // 4
+    # the experiment runner's line, from train_result.json's entries (JSON round trip): the same
+    # words (it printed "estimated 3.41 GiB ..., measured peak 3.79 GiB (cpu)", the whole-process
+    # RSS against the estimate, until 2026-12-04)
+    from forgetkit.runner import run_memory_line
+
+    saved = json.loads(json.dumps(e.to_dict()))
+    assert run_memory_line(saved, cpu) == line
+    assert run_memory_line(saved, {"device": "cuda", "peak_bytes": e.total_bytes}) == gpu
+    assert "could not be read back" in run_memory_line({"total_bytes": g}, cpu)
 
 
 def test_lora_and_freezing_shrink_gradients_and_optimizer_state_only():
