@@ -42,15 +42,15 @@ print(' '.join(f'{p}=={m.version(p)}' for p in sys.argv[1:]))" $pkgs)
     exit 0
 fi
 [ "$mode" = run ] || { echo "usage: $0 prepare | run [OUTDIR]" >&2; exit 2; }
-[ -f .gpu/tokenizer/medmcqa_train.jsonl ] || { echo ".gpu/tokenizer missing: run '$0 prepare' first" >&2; exit 2; }
+[ -f .gpu/tokenizer/medmcqa_train.jsonl ] || { echo ".gpu/tokenizer (tokenizer + MedMCQA split) missing: run '$0 prepare' first" >&2; exit 2; }
 out=${2:-${OUT:-gpu-out}}
 mkdir -p "$out"
 PY=${PY:-python3}
 "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/fk-site .gpu/whl/*.whl
-# fail in seconds, not after the first worker, when an import is missing there
-PYTHONPATH="/tmp/fk-site:$PWD" "$PY" -c "import transformers, accelerate, forgetkit.train.loop
-from transformers import Trainer, DataCollatorWithFlattening" || exit 3
 export PYTHONPATH="/tmp/fk-site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# fail in seconds, not after the first worker, when an import is missing there
+"$PY" -c "import transformers, accelerate, forgetkit.train.loop
+from transformers import Trainer, DataCollatorWithFlattening" || exit 3
 export TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers',

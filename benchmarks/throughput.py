@@ -139,6 +139,12 @@ def medmcqa_train(path: Path | None = None) -> list[dict[str, str]]:
              "output": r["output"]} for r in assets.load_alias("medmcqa", "train")]
 
 
+def write_jsonl(path: Path, records: list[dict[str, str]]) -> None:
+    """One JSON object per line (what :func:`medmcqa_train` and forgetkit's data layer read)."""
+    with path.open("w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+
+
 def medmcqa_records(n: int, seed: int, path: Path | None = None) -> list[dict[str, str]]:
     """The MedMCQA train split (:func:`medmcqa_train`), instruction format; the first ``n``
     after a seeded shuffle (all of them when ``n`` is 0)."""
@@ -755,9 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_tokenizer is not None:
         args.tokenizer = "smollm2"
         load_tokenizer_for(args).save_pretrained(str(args.save_tokenizer))
-        with (args.save_tokenizer / "medmcqa_train.jsonl").open("w") as fh:
-            for r in medmcqa_train():
-                fh.write(json.dumps(r) + "\n")
+        write_jsonl(args.save_tokenizer / "medmcqa_train.jsonl", medmcqa_train())
         print(f"saved SmolLM2-135M's tokenizer and MedMCQA's train split "
               f"(medmcqa_train.jsonl) to {args.save_tokenizer}")
         return 0
@@ -782,9 +786,7 @@ def main(argv: list[str] | None = None) -> int:
             records = longtail_records(args.n_examples or 3000, args.seed, tok, args.median_len,
                                        args.sigma, args.min_len, args.max_length - 16,
                                        args.medmcqa)
-        with (work / "train.jsonl").open("w") as fh:
-            for r in records:
-                fh.write(json.dumps(r) + "\n")
+        write_jsonl(work / "train.jsonl", records)
         exs, tok = examples(args, work)
         lens = np.array([len(e.input_ids) for e in exs])
         tgts = np.array([e.n_targets for e in exs])

@@ -111,7 +111,7 @@ import json
 import math
 import resource
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -214,6 +214,16 @@ class MemoryEstimate:
         d = asdict(self)
         d["fits"] = {name: self.fits(b) for name, b in GPUS.items()}
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MemoryEstimate:
+        """The estimate :meth:`to_dict` saved (``train_result.json``); derived keys dropped.
+
+        Raises:
+            TypeError: a required field is missing.
+        """
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def activation_k(shape: ModelShape, precision: str = "fp32", attention: str = "sdpa",

@@ -1133,14 +1133,10 @@ def run_memory_line(estimate: dict[str, Any], measured: dict[str, Any]) -> str:
     """The training's memory line (:func:`forgetkit.memory.memory_line`: what each number
     covers; on CPU the whole-process RSS is labelled as no estimate check) from the saved
     ``train_result.json`` entries; a bare one if they cannot be read back."""
-    import dataclasses
-
     from forgetkit.memory import MemoryEstimate, memory_line
 
     try:
-        names = {f.name for f in dataclasses.fields(MemoryEstimate)}
-        est = MemoryEstimate(**{k: v for k, v in estimate.items() if k in names})
-        return memory_line(est, measured)
+        return memory_line(MemoryEstimate.from_dict(estimate), measured)
     except (TypeError, KeyError, ValueError) as e:
         return (f"memory: estimated training peak {estimate.get('total_bytes', 0) / 2**30:.2f}"
                 f" GiB per device (the measured figures could not be read back: {e})")
@@ -1624,7 +1620,9 @@ def describe_plan(base: Config, runs: list[RunSpec]) -> str:
         n_eval_items += spec.limit or 0
     keys = {eval_cache_key(r.cfg) for r in runs if _starts_from_base(r)}
     n_steps: list[int] = []
+    finished: list[bool] = []
     for r in runs:
+        finished.append(is_finished(r.dir))
         t = r.cfg.training
         gb = t.micro_batch_size * t.gradient_accumulation_steps
         n_steps.append(t.max_steps or 0)
@@ -1644,7 +1642,7 @@ def describe_plan(base: Config, runs: list[RunSpec]) -> str:
             [f"replay {rp.ratio:g}" + (f" (+{len(rp.sources)} earlier-stage buffers)"
                                        if rp.sources else "")] if rp is not None else [])
         ) or "none"
-        done = " [finished]" if is_finished(r.dir) else ""
+        done = " [finished]" if finished[-1] else ""
         stage = f" stage {r.stage.index}:{r.stage.name:<12}" if r.stage is not None else ""
         lines.append(f"  {r.arm:<24} seed {r.seed:<4}{stage} steps {steps:<8} global "
                      f"batch/process {gb:<4} regularizers: {regs}{done}")
@@ -1656,7 +1654,7 @@ def describe_plan(base: Config, runs: list[RunSpec]) -> str:
                  + (f", +{len(base.evaluation.merge)} merges per run"
                     if base.evaluation.merge else "")
                  + (f"; items with an explicit limit: {n_eval_items}" if n_eval_items else ""))
-    left = [i for i, r in enumerate(runs) if not is_finished(r.dir)]
+    left = [i for i, done in enumerate(finished) if not done]
     if not left:
         lines.append("estimated time: nothing left to run (every run has finished: each is "
                      "reused while its identity matches, see the checks)")

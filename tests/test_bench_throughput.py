@@ -5,7 +5,6 @@ length-grouping mega-batch), argument checks, and the GPU check's memory estimat
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -148,8 +147,6 @@ def test_saved_medmcqa_split_gives_the_same_records(tp, tmp_path):
     """--medmcqa FILE (what --save-tokenizer writes for the GPU machine, which has no offline
     assets) gives the records the asset gives."""
     path = tmp_path / "medmcqa_train.jsonl"
-    with path.open("w") as fh:
-        for r in tp.medmcqa_train():
-            fh.write(json.dumps(r) + "\n")
+    tp.write_jsonl(path, tp.medmcqa_train())
     assert tp.medmcqa_records(40, 3, path) == tp.medmcqa_records(40, 3)
     assert len(tp.medmcqa_train(path)) == len(tp.medmcqa_train()) > 3000
